@@ -1,0 +1,56 @@
+# tdd_lightning: `make train` and `make test` are all a newcomer needs; both install on first use.
+# GPU users: `make install TORCH="torch==<ver> --index-url <your CUDA wheel index>"`, or create .venv
+# with your own torch (`VENV_FLAGS=--system-site-packages TORCH=`); see README "Install".
+
+PYTHON      ?= python3
+VENV        ?= .venv
+TORCH       ?= torch==2.13.0
+VENV_FLAGS  ?=
+PY          := $(VENV)/bin/python
+STAMP       := $(VENV)/.install.stamp
+export HF_HUB_OFFLINE ?= 1
+export WANDB_MODE ?= offline
+export TOKENIZERS_PARALLELISM ?= false
+
+.DEFAULT_GOAL := help
+.PHONY: help install train test test-slow lint format tiny-model shapes notebooks sweep clean
+
+help: ## list the targets
+	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
+
+$(STAMP): setup.cfg pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV_FLAGS) $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	@if [ -n "$(TORCH)" ]; then $(PY) -m pip install -q $(TORCH); fi
+	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip check
+	touch $(STAMP)
+
+install: $(STAMP) ## create .venv and install the package with dev extras (once; stamp-guarded)
+
+train: $(STAMP) ## the main job: CPU toy distillation (experiment=toy_tdd)
+	$(PY) train.py experiment=toy_tdd $(ARGS)
+
+test: $(STAMP) ## the default test suite (fast; slow tests excluded)
+	$(PY) -m pytest $(ARGS)
+
+test-slow: $(STAMP) ## only the slow tests (DDP, notebooks, long runs)
+	$(PY) -m pytest -m slow $(ARGS)
+
+lint: $(STAMP) ## ruff check + format check
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+format: $(STAMP) ## ruff fix + format
+	$(PY) -m ruff check --fix .
+	$(PY) -m ruff format .
+
+tiny-model: $(STAMP) ## write a tiny random SDXL-shaped pipeline to artifacts/tiny-sdxl
+	$(PY) -m tdd_lightning.models.tiny artifacts/tiny-sdxl
+
+sweep: $(STAMP) ## example multirun: 2x2 sweep of the toy, then a report table
+	$(PY) train.py -m experiment=toy_tdd target_selection.s_ratio=0.0,0.3 guidance.p_empty=0.0,0.2 hydra.sweep.dir=multirun/example
+	$(PY) -m tdd_lightning.sweep_report multirun/example
+
+clean: ## remove outputs, logs and caches (keeps .venv)
+	rm -rf outputs multirun logs wandb lightning_logs .pytest_cache .ruff_cache artifacts

@@ -1,0 +1,152 @@
+"""A tiny SDXL-shaped pipeline with random weights, built from configs and saved with save_pretrained.
+
+Same component layout as SDXL base (UNet with the ``text_time`` added condition, 4-level VAE with
+scale factor 8, two CLIP text encoders, the second with a projection, and two tokenizers), so the real
+loader and every SDXL code path run on it. ``python -m tdd_lightning.models.tiny OUT`` writes one.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+# SDXL base's training noise schedule (the loader reads it back from scheduler/scheduler_config.json)
+SDXL_SCHEDULER = dict(
+    num_train_timesteps=1000,
+    beta_start=0.00085,
+    beta_end=0.012,
+    beta_schedule="scaled_linear",
+    prediction_type="epsilon",
+    steps_offset=1,
+    timestep_spacing="leading",
+)
+
+
+@dataclass
+class TinySDXLConfig:
+    sample_size: int = 8  # latent side; the image side is 8x this
+    block_out_channels: tuple[int, ...] = (32, 64)
+    layers_per_block: int = 1
+    attention_head_dim: tuple[int, ...] = (2, 4)
+    transformer_layers_per_block: tuple[int, ...] = (1, 1)
+    norm_num_groups: int = 8
+    addition_time_embed_dim: int = 8
+    text_hidden_size: tuple[int, int] = (32, 32)  # text_encoder, text_encoder_2
+    text_layers: int = 3
+    projection_dim: int = 32
+    vae_block_out_channels: tuple[int, ...] = (16, 16, 32, 32)
+    latent_channels: int = 4
+    words: list[str] = field(default_factory=list)  # extra single-token words for the tokenizer
+    seed: int = 0
+
+
+def _unet(cfg: TinySDXLConfig):
+    from diffusers import UNet2DConditionModel
+
+    n = len(cfg.block_out_channels)
+    return UNet2DConditionModel(
+        sample_size=cfg.sample_size,
+        in_channels=cfg.latent_channels,
+        out_channels=cfg.latent_channels,
+        down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (n - 1),
+        up_block_types=("CrossAttnUpBlock2D",) * (n - 1) + ("UpBlock2D",),
+        block_out_channels=cfg.block_out_channels,
+        layers_per_block=cfg.layers_per_block,
+        attention_head_dim=cfg.attention_head_dim,
+        transformer_layers_per_block=cfg.transformer_layers_per_block,
+        norm_num_groups=cfg.norm_num_groups,
+        cross_attention_dim=sum(cfg.text_hidden_size),
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=cfg.addition_time_embed_dim,
+        projection_class_embeddings_input_dim=6 * cfg.addition_time_embed_dim + cfg.projection_dim,
+    )
+
+
+def _vae(cfg: TinySDXLConfig):
+    from diffusers import AutoencoderKL
+
+    n = len(cfg.vae_block_out_channels)
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * n,
+        up_block_types=("UpDecoderBlock2D",) * n,
+        block_out_channels=cfg.vae_block_out_channels,
+        layers_per_block=1,
+        latent_channels=cfg.latent_channels,
+        norm_num_groups=8,
+        sample_size=cfg.sample_size * 2 ** (n - 1),
+    )
+
+
+def _text_encoder(cfg: TinySDXLConfig, hidden: int, vocab_size: int, eos_id: int, projection: bool):
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    config = CLIPTextConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=cfg.text_layers,
+        num_attention_heads=4,
+        max_position_embeddings=77,
+        projection_dim=cfg.projection_dim,
+        hidden_act="gelu",
+        bos_token_id=eos_id - 1,
+        eos_token_id=eos_id,
+        pad_token_id=eos_id,
+    )
+    return (CLIPTextModelWithProjection if projection else CLIPTextModel)(config)
+
+
+def build_tiny_sdxl(out_dir: str | Path, cfg: TinySDXLConfig | None = None) -> Path:
+    """Build the tiny pipeline with random weights (seeded) and ``save_pretrained`` it to ``out_dir``."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
+
+    from tdd_lightning.models.tokenizer import EOS, make_clip_tokenizer
+
+    cfg = cfg or TinySDXLConfig()
+    out_dir = Path(out_dir)
+    torch.manual_seed(cfg.seed)
+    tokenizer = make_clip_tokenizer(cfg.words)
+    eos_id = tokenizer.convert_tokens_to_ids(EOS)
+    vocab = len(tokenizer)
+    pipe = StableDiffusionXLPipeline(
+        vae=_vae(cfg),
+        text_encoder=_text_encoder(cfg, cfg.text_hidden_size[0], vocab, eos_id, projection=False),
+        text_encoder_2=_text_encoder(cfg, cfg.text_hidden_size[1], vocab, eos_id, projection=True),
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer,
+        unet=_unet(cfg),
+        scheduler=EulerDiscreteScheduler(**SDXL_SCHEDULER),
+    )
+    pipe.save_pretrained(out_dir)
+    return out_dir
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description="Write a tiny random SDXL-shaped diffusers pipeline folder.")
+    p.add_argument("out_dir", help="folder to write (diffusers layout: unet/, vae/, text_encoder/, ...)")
+    p.add_argument("--sample-size", type=int, default=8, help="latent side (image side = 8x)")
+    p.add_argument("--channels", type=int, nargs="+", default=[32, 64], help="UNet block_out_channels")
+    p.add_argument("--seed", type=int, default=0)
+    a = p.parse_args(argv)
+    n = len(a.channels)
+    heads = tuple(max(1, c // 16) for c in a.channels)
+    cfg = TinySDXLConfig(
+        sample_size=a.sample_size,
+        block_out_channels=tuple(a.channels),
+        attention_head_dim=heads,
+        transformer_layers_per_block=(1,) * n,
+        seed=a.seed,
+    )
+    path = build_tiny_sdxl(a.out_dir, cfg)
+    size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / 2**20
+    print(f"wrote tiny SDXL-shaped pipeline to {path} ({size:.1f} MiB)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,27 @@
+"""Shared fixtures: offline flags, and one tiny SDXL-shaped pipeline per test session."""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_dir(tmp_path_factory):
+    """A tiny random SDXL pipeline written with save_pretrained (loaded back through the real loader)."""
+    from tdd_lightning.models.tiny import build_tiny_sdxl
+
+    return build_tiny_sdxl(tmp_path_factory.mktemp("tiny-sdxl"))
+
+
+@pytest.fixture(scope="session")
+def tiny_components(tiny_sdxl_dir):
+    from tdd_lightning.models import load_sdxl_components
+
+    return load_sdxl_components(tiny_sdxl_dir)
