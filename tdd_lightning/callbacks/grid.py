@@ -1,0 +1,92 @@
+"""Sample grids during training: fixed prompts and seeds, a few step counts, from rank 0.
+
+Rows are prompts, columns are step counts. The text encoders encode the fixed prompts once at the
+start of fit and are then dropped; the VAE stays for decoding. Grids go to ``<out>/samples/`` as PNG and
+to wandb when it is a logger.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+import torch
+
+from tdd_lightning.plotting import label_grid
+
+
+class SampleGrid(L.Callback):
+    def __init__(
+        self,
+        prompts: list[str],
+        steps: list[int] = (1, 2, 4, 8),
+        seed: int = 0,
+        eta: float = 0.0,
+        guidance_scale: float = 1.0,
+        every_n_steps: int = 500,
+        out_dir: str | None = None,
+        role: str = "student",
+    ):
+        self.prompts, self.steps, self.seed = list(prompts), list(steps), seed
+        self.eta, self.guidance_scale, self.every_n_steps = eta, guidance_scale, every_n_steps
+        self.out_dir, self.role = out_dir, role
+        self.cond = None
+        self.vae = None
+
+    def on_fit_start(self, trainer, pl_module):
+        if not trainer.is_global_zero or not self.prompts:
+            return
+        from tdd_lightning.models import load_sdxl_components
+
+        parts = load_sdxl_components(
+            pl_module.model_cfg["pretrained"], load_vae=True, load_text_encoders=True
+        )
+        pipe = parts.to_pipeline()
+        with torch.no_grad():
+            pe, _, pooled, _ = pipe.encode_prompt(
+                self.prompts, device="cpu", do_classifier_free_guidance=False
+            )
+        size = pl_module.unet.config.sample_size * pipe.vae_scale_factor
+        time_ids = torch.tensor([[size, size, 0, 0, size, size]] * len(self.prompts), dtype=torch.float32)
+        self.cond = {"prompt_embeds": pe, "pooled_prompt_embeds": pooled, "time_ids": time_ids}
+        self.vae = parts.vae
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        step = trainer.global_step
+        if self.cond is None or step == 0 or step % self.every_n_steps:
+            return
+        self.render(trainer, pl_module)
+
+    def on_train_end(self, trainer, pl_module):
+        if self.cond is not None:
+            self.render(trainer, pl_module)
+
+    @torch.no_grad()
+    def render(self, trainer, pl_module) -> Path:
+        device = pl_module.device
+        cond = {k: v.to(device) for k, v in self.cond.items()}
+        vae = self.vae.to(device)
+        columns = []
+        for k in self.steps:
+            g = torch.Generator(device=device).manual_seed(self.seed)
+            latents = pl_module.sample_latents(
+                cond,
+                num_steps=k,
+                eta=self.eta,
+                guidance_scale=self.guidance_scale,
+                generator=g,
+                role=self.role,
+            )
+            images = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor).sample
+            columns.append((images.float().clamp(-1, 1) + 1) / 2)
+        grid = label_grid(columns, [f"{k} steps" for k in self.steps], self.prompts)
+        out = Path(self.out_dir or trainer.default_root_dir) / "samples"
+        out.mkdir(parents=True, exist_ok=True)
+        path = out / f"step_{trainer.global_step:07d}.png"
+        grid.save(path)
+        from lightning.pytorch.loggers import WandbLogger
+
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger):
+                logger.log_image("samples/grid", [str(path)], step=trainer.global_step)
+        return path

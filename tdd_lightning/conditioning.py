@@ -1,0 +1,70 @@
+"""The SDXL condition c as one small dict, the unconditional condition u, and the teacher's CFG batch.
+
+c = {prompt_embeds [B, 77, D], pooled_prompt_embeds [B, D2], time_ids [B, 6]}. The unconditional
+condition replaces the text parts only; each sample keeps its own micro-conditioning time ids (as the
+SDXL pipeline does for its negative).
+"""
+
+from __future__ import annotations
+
+import torch
+
+TEXT_KEYS = ("prompt_embeds", "pooled_prompt_embeds")
+Cond = dict[str, torch.Tensor]
+
+
+def condition_from_batch(batch: dict) -> Cond:
+    return {k: batch[k] for k in (*TEXT_KEYS, "time_ids")}
+
+
+def unconditional_like(cond: Cond, uncond_text: dict[str, torch.Tensor] | None) -> Cond:
+    """u for every sample: zeros (uncond_text None) or the encoded empty prompt, broadcast to the batch."""
+    out = {"time_ids": cond["time_ids"]}
+    for k in TEXT_KEYS:
+        if uncond_text is None:
+            out[k] = torch.zeros_like(cond[k])
+        else:
+            out[k] = uncond_text[k].to(cond[k]).expand_as(cond[k])
+    return out
+
+
+def replace_where(mask: torch.Tensor, cond: Cond, other: Cond) -> Cond:
+    """Per sample: ``other`` where mask is True, else ``cond`` (guidance dropout)."""
+    out = {}
+    for k, v in cond.items():
+        m = mask.view(-1, *([1] * (v.ndim - 1)))
+        out[k] = torch.where(m, other[k], v)
+    return out
+
+
+def select(cond: Cond, index: torch.Tensor) -> Cond:
+    return {k: v[index] for k, v in cond.items()}
+
+
+def concat(a: Cond, b: Cond) -> Cond:
+    return {k: torch.cat([a[k], b[k]]) for k in a}
+
+
+def unet_eps(unet, x: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
+    """eps prediction of an SDXL UNet for condition ``cond``."""
+    added = {"text_embeds": cond["pooled_prompt_embeds"], "time_ids": cond["time_ids"]}
+    return unet(x, t, encoder_hidden_states=cond["prompt_embeds"], added_cond_kwargs=added).sample
+
+
+def teacher_cfg_eps(
+    unet, x_t: torch.Tensor, t: torch.Tensor, cond: Cond, uncond: Cond, same: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(eps_c, eps_u) from ONE batched forward: [all B conditional | unconditional of the rest].
+
+    ``same`` marks samples whose condition already is u (dropped captions): their unconditional
+    prediction equals the conditional one and is not computed twice. ``same=None``: all B computed.
+    Batch order: conditional first, then the unconditional of the samples not in ``same``, in order.
+    """
+    B = x_t.shape[0]
+    need = torch.arange(B, device=x_t.device) if same is None else (~same).nonzero().squeeze(1)
+    both = concat(cond, select(uncond, need))
+    eps = unet_eps(unet, torch.cat([x_t, x_t[need]]), torch.cat([t, t[need]]), both)
+    eps_c = eps[:B]
+    eps_u = eps_c.clone()
+    eps_u[need] = eps[B:]
+    return eps_c, eps_u

@@ -1,0 +1,105 @@
+"""Teacher, student and EMA target on ONE base UNet (ALGORITHM.md 2.5-2.7).
+
+- teacher: base weights, adapters disabled (frozen, no grad);
+- student: the trainable LoRA adapter ``student``;
+- target: a second LoRA adapter ``target``, the EMA of the student's LoRA tensors.
+
+peft's ``set_adapter`` / ``enable_adapters`` also rewrite ``requires_grad`` (activating the target would
+make it trainable and freeze the student). Role switches here only flip which adapter is active on
+each LoRA layer, so the trainable set never changes; the EMA is a foreach lerp over LoRA tensors only.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+from contextlib import contextmanager
+
+import torch
+
+STUDENT, TARGET = "student", "target"
+
+# LoRA targets of the authors' SDXL run (ALGORITHM.md section 6)
+SDXL_LORA_TARGETS = (
+    "to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
+    "conv1", "conv2", "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv", "time_emb_proj",
+)  # fmt: skip
+
+
+def lora_config(rank: int, alpha: float | None, target_modules: Sequence[str]):
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=rank,
+        lora_alpha=rank if alpha is None else alpha,
+        target_modules=list(target_modules),
+        init_lora_weights="gaussian",
+    )
+
+
+class LoRARoles:
+    """Adds the student and target adapters to ``unet`` and switches between the three roles."""
+
+    def __init__(self, unet: torch.nn.Module, rank: int, alpha: float | None, target_modules: Sequence[str]):
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        self.unet = unet
+        unet.requires_grad_(False)
+        config = lora_config(rank, alpha, target_modules)
+        unet.add_adapter(config, adapter_name=STUDENT)
+        with warnings.catch_warnings():  # peft warns on a second adapter; two are the design
+            warnings.simplefilter("ignore", UserWarning)
+            unet.add_adapter(config, adapter_name=TARGET)
+        self.layers = [m for m in unet.modules() if isinstance(m, BaseTunerLayer)]
+        if not self.layers:
+            raise ValueError(f"no LoRA layer matched target_modules={list(target_modules)}")
+        self.student_params = self._adapter_params(STUDENT)
+        self.target_params = self._adapter_params(TARGET)
+        for p in self.student_params:
+            p.requires_grad_(True)
+        for p in self.target_params:
+            p.requires_grad_(False)
+        self.copy_student_to_target()
+        self.use(STUDENT)
+
+    def _adapter_params(self, name: str) -> list[torch.nn.Parameter]:
+        key = f".{name}."
+        return [p for n, p in self.unet.named_parameters() if "lora_" in n and key in n]
+
+    def named_student_params(self) -> dict[str, torch.nn.Parameter]:
+        return {n: p for n, p in self.unet.named_parameters() if "lora_" in n and f".{STUDENT}." in n}
+
+    # ---- role switching -------------------------------------------------------------------------
+    def use(self, role: str) -> None:
+        """Make ``role`` ('teacher', 'student' or 'target') the active behaviour of the UNet."""
+        if role == "teacher":
+            for layer in self.layers:
+                layer._disable_adapters = True
+            return
+        if role not in (STUDENT, TARGET):
+            raise ValueError(f"unknown role {role!r}: use 'teacher', 'student' or 'target'")
+        for layer in self.layers:
+            layer._disable_adapters = False
+            layer._active_adapter = [role]
+
+    @contextmanager
+    def role(self, role: str):
+        """Run a block as ``role``, then return to the student."""
+        self.use(role)
+        try:
+            yield self.unet
+        finally:
+            self.use(STUDENT)
+
+    # ---- EMA target ---------------------------------------------------------------------------------
+    @torch.no_grad()
+    def copy_student_to_target(self) -> None:
+        torch._foreach_copy_(self.target_params, self.student_params)
+
+    @torch.no_grad()
+    def update_target(self, decay: float) -> None:
+        """target <- decay * target + (1 - decay) * student (decay 0: copy; decay 1: hold)."""
+        if decay == 0.0:
+            self.copy_student_to_target()
+        elif decay < 1.0:
+            torch._foreach_lerp_(self.target_params, self.student_params, 1.0 - decay)

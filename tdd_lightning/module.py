@@ -1,0 +1,249 @@
+"""The TDD LightningModule: one base UNet holding teacher, student and EMA target (ALGORITHM.md 2)."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import lightning as L
+import torch
+
+from tdd_lightning.conditioning import (
+    condition_from_batch,
+    replace_where,
+    teacher_cfg_eps,
+    unconditional_like,
+    unet_eps,
+)
+from tdd_lightning.diffusion import NoiseSchedule, add_noise, cfg_combine, ddim_jump, k_step_schedule
+from tdd_lightning.models.roles import SDXL_LORA_TARGETS, STUDENT, TARGET, LoRARoles
+from tdd_lightning.sampling import guided, tdd_sample
+from tdd_lightning.strategies import DistillationLoss, Guidance, TargetSelection
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class TDDModule(L.LightningModule):
+    """Consistency distillation with a pluggable target selection, guidance and loss.
+
+    Args:
+        model: where the base model lives and how the LoRA looks: ``pretrained`` (folder or hub id),
+            ``revision``, ``variant``, ``base_dtype`` (fp32|bf16|fp16, the frozen weights), ``lora``
+            ({rank, alpha, target_modules}), ``gradient_checkpointing``, ``load_encoders`` (online
+            encoding of raw pixels and captions).
+        target_selection, guidance, loss: the strategies (Hydra groups of the same names).
+        optimizer: a factory taking the student's LoRA parameters (Hydra ``_partial_``).
+        lr_scheduler: a factory taking the optimizer, stepped every optimizer step (or None).
+        ema_decay: the target's EMA decay over the student's LoRA tensors (0: the online student).
+        seed: with the global step and the rank, seeds each step's randomness (exact resume).
+    """
+
+    def __init__(
+        self,
+        model: Mapping[str, Any],
+        target_selection: TargetSelection,
+        guidance: Guidance,
+        loss: DistillationLoss,
+        optimizer: Callable[..., torch.optim.Optimizer],
+        lr_scheduler: Callable[..., Any] | None = None,
+        ema_decay: float = 0.0,
+        seed: int = 0,
+    ):
+        super().__init__()
+        if not 0.0 <= ema_decay <= 1.0:
+            raise ValueError(f"module.ema_decay={ema_decay} must lie in [0, 1]")
+        self.model_cfg = dict(model)
+        self.target_selection, self.guidance, self.distill_loss = target_selection, guidance, loss
+        self.optimizer_factory, self.lr_scheduler_factory = optimizer, lr_scheduler
+        self.ema_decay, self.seed = ema_decay, seed
+        self.save_hyperparameters(
+            {
+                "model": self.model_cfg,
+                "target_selection": target_selection.describe(),
+                "guidance": vars(guidance),
+                "loss": vars(loss),
+                "ema_decay": ema_decay,
+                "seed": seed,
+            }
+        )
+        self.strict_loading = False  # checkpoints hold the LoRA tensors only, not the frozen base
+        self.unet: torch.nn.Module | None = None
+        self.roles: LoRARoles | None = None
+        self.encoder = None
+        self.uncond_text: dict[str, torch.Tensor] | None = None
+        self.last_times: dict[str, torch.Tensor] = {}
+
+    # ---- building ---------------------------------------------------------------------------------
+    def configure_model(self) -> None:
+        """Load the base UNet once and add the student and target LoRA adapters (FSDP2-friendly)."""
+        if self.unet is not None:
+            return
+        from tdd_lightning.models import load_sdxl_components
+
+        cfg = self.model_cfg
+        load_encoders = bool(cfg.get("load_encoders", False))
+        parts = load_sdxl_components(
+            cfg["pretrained"],
+            revision=cfg.get("revision"),
+            variant=cfg.get("variant"),
+            dtype=DTYPES[cfg.get("base_dtype", "fp32")],
+            load_vae=load_encoders,
+            load_text_encoders=load_encoders,
+        )
+        self.attach(parts.unet, parts.noise_scheduler.config)
+        if load_encoders:
+            from tdd_lightning.models.encoder import SDXLEncoder
+
+            self.encoder = SDXLEncoder.from_components(parts)
+
+    def attach(self, unet: torch.nn.Module, scheduler_config: Mapping[str, Any]) -> None:
+        """Use ``unet`` as the base model (tests and notebooks call this directly)."""
+        lora = self.model_cfg.get("lora", {})
+        self.unet = unet
+        self.schedule = NoiseSchedule.from_config(scheduler_config)
+        self.roles = LoRARoles(
+            unet,
+            rank=int(lora.get("rank", 64)),
+            alpha=lora.get("alpha"),
+            target_modules=lora.get("target_modules") or SDXL_LORA_TARGETS,
+        )
+        # LoRA master weights stay fp32 even when the frozen base is bf16/fp16
+        for p in self.roles.student_params + self.roles.target_params:
+            p.data = p.data.float()
+        if self.model_cfg.get("gradient_checkpointing", False):
+            unet.enable_gradient_checkpointing()
+        if self.ema_decay > 0:
+            self.roles.copy_student_to_target()
+
+    def setup(self, stage: str) -> None:
+        self.configure_model()
+        if self.guidance.uncond == "empty_prompt":
+            dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+            text = getattr(dm, "uncond", None)
+            if text is None and self.encoder is not None:
+                pe, pooled = self.encoder.encode_text([""])
+                text = {"prompt_embeds": pe[0], "pooled_prompt_embeds": pooled[0]}
+            if text is None:
+                raise ValueError(
+                    "guidance.uncond=empty_prompt needs the encoded empty prompt: use cached data "
+                    "(which stores it) or model.load_encoders=true"
+                )
+            self.uncond_text = {k: v.float() for k, v in text.items()}
+
+    def configure_optimizers(self):
+        optimizer = self.optimizer_factory(params=self.roles.student_params)
+        if self.lr_scheduler_factory is None:
+            return optimizer
+        scheduler = self.lr_scheduler_factory(optimizer=optimizer)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ---- the training step (ALGORITHM.md section 2) -------------------------------------------------
+    def step_generator(self, device: torch.device) -> torch.Generator:
+        """Each step's randomness is a pure function of (seed, global step, rank): resume is exact."""
+        key = f"{self.seed}/{self.global_step}/{self.global_rank}".encode()
+        g = torch.Generator(device=device)
+        g.manual_seed(int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little") >> 1)
+        return g
+
+    def distillation_loss(self, batch: dict, generator: torch.Generator) -> dict[str, torch.Tensor]:
+        roles, schedule, ts = self.roles, self.schedule, self.target_selection
+
+        # 1. latents x0 and condition c (encoded on the fly only for raw batches)
+        if "latents" not in batch:
+            batch = self.encoder(batch)
+        x0 = batch["latents"].float()
+        c = condition_from_batch(batch)
+        B, device = x0.shape[0], x0.device
+        u = unconditional_like(c, self.uncond_text)
+
+        # 2. guidance dropout: dropped samples use u for the student, the teacher and the target
+        draw = self.guidance.draw(B, generator, device)
+        c = replace_where(draw.drop, c, u)
+
+        # 3. start time t on the teacher grid, teacher end time t', noisy latent x_t
+        t, t_prev = ts.sample_times(B, generator, device)
+        eps = torch.randn(x0.shape, generator=generator, device=device, dtype=x0.dtype)
+        a_t, sigma_t = schedule.a_sigma(t, x0)
+        x_t = add_noise(x0, eps, a_t, sigma_t)
+
+        # 4. target timestep s
+        s = ts.select(t_prev, generator)
+
+        # 5. student (LoRA on, with gradients): jump t -> s
+        with roles.role(STUDENT) as unet:
+            pred = ts.consistency(x_t, unet_eps(unet, x_t, t, c).float(), t, s, schedule)
+
+        with torch.no_grad():
+            # 6. teacher (adapters off): one DDIM step t -> t' with CFG, cond and uncond batched
+            with roles.role("teacher") as unet:
+                if self.guidance.uses_cfg:
+                    eps_c, eps_u = teacher_cfg_eps(unet, x_t, t, c, u, same=draw.drop)
+                    eps_teacher = cfg_combine(eps_c.float(), eps_u.float(), draw.w.view(-1, 1, 1, 1))
+                else:
+                    eps_teacher = unet_eps(unet, x_t, t, c).float()
+            a_tp, sigma_tp = schedule.a_sigma(t_prev, x0)
+            x_tp = ddim_jump(x_t, eps_teacher, a_t, sigma_t, a_tp, sigma_tp)
+
+            # 7. target (EMA LoRA): jump t' -> s
+            with roles.role(TARGET) as unet:
+                target = ts.consistency(x_tp, unet_eps(unet, x_tp, t_prev, c).float(), t_prev, s, schedule)
+
+        # 8. loss
+        loss = self.distill_loss(pred, target)
+        return {"loss": loss, "t": t, "s": s, "w": draw.w, "dropped": draw.drop}
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        out = self.distillation_loss(batch, self.step_generator(self.device))
+        B = out["t"].shape[0]
+        self.last_times = {"t": out["t"].detach(), "s": out["s"].detach()}
+        self.log("train/loss", out["loss"], prog_bar=True, batch_size=B)
+        self.log_dict(
+            {
+                "train/w": out["w"].float().mean(),
+                "train/dropped_frac": out["dropped"].float().mean(),
+                "train/t_mean": out["t"].float().mean(),
+                "train/s_mean": out["s"].float().mean(),
+            },
+            batch_size=B,
+        )
+        return out["loss"]
+
+    def optimizer_step(self, *args, **kwargs):
+        super().optimizer_step(*args, **kwargs)
+        self.roles.update_target(self.ema_decay)  # after each real optimizer step
+
+    # ---- checkpoints hold LoRA tensors only ------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if "lora_" in k}
+        checkpoint["tdd_lightning"] = {"lora": self.model_cfg.get("lora", {})}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.configure_model()
+
+    # ---- few-step sampling with the module's own maths --------------------------------------------
+    @torch.no_grad()
+    def sample_latents(
+        self,
+        cond: dict[str, torch.Tensor],
+        num_steps: int = 4,
+        eta: float = 0.0,
+        guidance_scale: float = 1.0,
+        generator: torch.Generator | None = None,
+        role: str = STUDENT,
+        timesteps: Sequence[int] | None = None,
+        latents: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """K-step sampling from the training grid's schedule; standard CFG with u as the negative."""
+        unet = self.unet
+        B = cond["prompt_embeds"].shape[0]
+        if latents is None:
+            c, size = unet.config.in_channels, unet.config.sample_size
+            latents = torch.randn((B, c, size, size), generator=generator, device=self.device)
+        if timesteps is None:
+            timesteps = k_step_schedule(num_steps, self.target_selection.N, self.schedule.num_train_timesteps)
+        u = unconditional_like(cond, self.uncond_text)
+        uncond_fn = (lambda x, t: unet_eps(unet, x, t, u)) if guidance_scale != 1.0 else None
+        eps_fn = guided(lambda x, t: unet_eps(unet, x, t, cond), uncond_fn, guidance_scale)
+        with self.roles.role(role):
+            return tdd_sample(eps_fn, latents, timesteps, self.schedule, eta=eta, generator=generator)

@@ -1,0 +1,94 @@
+"""The train flow behind `python train.py`: build everything from the config, fit, return metrics.
+
+seed -> model check -> data -> strategies -> module -> callbacks, loggers -> trainer -> fit -> metrics.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from tdd_lightning.models.loading import ModelNotFoundError, resolve_model_path
+from tdd_lightning.module import TDDModule
+from tdd_lightning.strategies import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+class UserError(RuntimeError):
+    """A problem with the user's config or files: reported as one line, exit code 1."""
+
+
+def build(group: str, node: DictConfig | None, **kwargs) -> Any:
+    """Instantiate one config group; a bad value comes back as a message naming ``group.key``."""
+    if node is None:
+        return None
+    try:
+        return instantiate(node, **kwargs)
+    except InstantiationException as e:
+        cause = e.__cause__
+        if isinstance(cause, ConfigError):
+            raise UserError(str(cause.with_prefix(group))) from None
+        if isinstance(cause, (ValueError, FileNotFoundError, TypeError)):
+            raise UserError(f"{group}: {cause}") from None
+        raise
+
+
+def prepare_model(model_cfg: DictConfig) -> None:
+    """Fail fast on a model that cannot be found; build the tiny pipeline if asked to."""
+    path = Path(str(model_cfg.pretrained))
+    if model_cfg.get("build_if_missing") and not (path / "unet").is_dir():
+        from tdd_lightning.models.tiny import build_tiny_sdxl
+
+        log.info("building the tiny SDXL-shaped pipeline into %s", path)
+        build_tiny_sdxl(path)
+    try:
+        resolve_model_path(str(model_cfg.pretrained), model_cfg.get("revision"))
+    except ModelNotFoundError as e:
+        raise UserError(f"model.pretrained: {e}") from None
+
+
+def build_module(cfg: DictConfig) -> TDDModule:
+    module_cfg = cfg.get("module") or {}
+    ema_decay = float(module_cfg.get("ema_decay", 0.0))
+    if not 0.0 <= ema_decay <= 1.0:
+        raise UserError(f"module.ema_decay={ema_decay} is invalid: must lie in [0, 1]")
+    return TDDModule(
+        model=OmegaConf.to_container(cfg.model, resolve=True),
+        target_selection=build("target_selection", cfg.target_selection),
+        guidance=build("guidance", cfg.guidance),
+        loss=build("loss", cfg.loss),
+        optimizer=build("optimizer", cfg.optimizer),
+        lr_scheduler=build("lr_scheduler", cfg.get("lr_scheduler")),
+        ema_decay=ema_decay,
+        seed=int(cfg.seed),
+    )
+
+
+def train(cfg: DictConfig) -> dict[str, float]:
+    L.seed_everything(cfg.seed, workers=True)
+    prepare_model(cfg.model)
+    datamodule = build("data", cfg.data)
+    module = build_module(cfg)
+    callbacks = [build(f"callbacks.{k}", v) for k, v in (cfg.get("callbacks") or {}).items() if v]
+    loggers = [build(f"logger.{k}", v) for k, v in (cfg.get("logger") or {}).items() if v]
+    trainer: L.Trainer = build("trainer", cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    for logger in loggers:
+        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+
+    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+    metrics["global_step"] = trainer.global_step
+    out = Path(cfg.paths.output_dir)
+    if trainer.is_global_zero:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    return metrics

@@ -1,0 +1,97 @@
+"""Guidance: which samples lose their caption, and the teacher's CFG scale w (ALGORITHM.md 2.2, 2.6, 3).
+
+Every strategy is called the same way, ``draw(batch_size, generator)`` -> GuidanceDraw(drop, w), and
+names ONE unconditional convention (``zeros`` or ``empty_prompt``) used everywhere: for dropped
+captions, in the teacher's unconditional branch, and as the negative at inference.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from tdd_lightning.strategies.base import check, uniform
+
+UNCOND_CONVENTIONS = ("zeros", "empty_prompt")
+
+
+@dataclass
+class GuidanceDraw:
+    drop: torch.Tensor  # bool [B]: condition replaced by the unconditional one
+    w: torch.Tensor  # float [B]: teacher CFG scale in the LCM form (w = 0: no guidance)
+
+
+class Guidance:
+    """Base class: validates the shared knobs."""
+
+    name = "base"
+
+    def __init__(self, p_empty: float = 0.0, uncond: str = "zeros"):
+        check(0.0 <= p_empty <= 1.0, "p_empty", p_empty, "must lie in [0, 1]")
+        check(uncond in UNCOND_CONVENTIONS, "uncond", uncond, f"must be one of {UNCOND_CONVENTIONS}")
+        self.p_empty, self.uncond = p_empty, uncond
+
+    @property
+    def uses_cfg(self) -> bool:
+        """Whether the teacher ever needs an unconditional branch."""
+        return True
+
+    def sample_w(self, n: int, generator: torch.Generator | None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def draw(self, batch_size: int, generator: torch.Generator | None = None, device="cpu") -> GuidanceDraw:
+        drop = uniform(batch_size, generator, device) < self.p_empty
+        return GuidanceDraw(drop=drop, w=self.sample_w(batch_size, generator).to(device))
+
+
+class DecoupledGuidance(Guidance):
+    """TDD's decoupled guidance: captions dropped with p_empty; w fixed, or uniform in [w_min, w_max]."""
+
+    name = "decoupled"
+
+    def __init__(
+        self,
+        p_empty: float = 0.2,
+        w: float | None = 3.5,
+        w_min: float | None = None,
+        w_max: float | None = None,
+        uncond: str = "zeros",
+    ):
+        super().__init__(p_empty, uncond)
+        if w_min is not None or w_max is not None:
+            both = w_min is not None and w_max is not None
+            check(both, "w_min", (w_min, w_max), "set both w_min and w_max")
+            check(0.0 <= w_min <= w_max, "w_min", (w_min, w_max), "need 0 <= w_min <= w_max")
+            self.w_min, self.w_max = float(w_min), float(w_max)
+        else:
+            check(w is not None and w >= 0.0, "w", w, "must be >= 0 (LCM form: standard CFG scale = 1 + w)")
+            self.w_min = self.w_max = float(w)
+
+    def sample_w(self, n, generator):
+        return self.w_min + (self.w_max - self.w_min) * uniform(n, generator).float()
+
+
+class LCMRangeGuidance(DecoupledGuidance):
+    """LCM's recipe: w ~ U[w_min, w_max] per sample (default [3, 15]); no caption dropout by default."""
+
+    name = "lcm_range"
+
+    def __init__(self, p_empty: float = 0.0, w_min: float = 3.0, w_max: float = 15.0, uncond: str = "zeros"):
+        super().__init__(p_empty=p_empty, w=None, w_min=w_min, w_max=w_max, uncond=uncond)
+
+
+class NoGuidance(Guidance):
+    """No CFG in the teacher (w = 0) and no caption dropout: the teacher runs the conditional branch only."""
+
+    name = "none"
+
+    def __init__(self, uncond: str = "zeros"):
+        super().__init__(0.0, uncond)
+
+    @property
+    def uses_cfg(self) -> bool:
+        return False
+
+    def sample_w(self, n, generator):
+        return torch.zeros(n)

@@ -1,0 +1,36 @@
+"""Train a few-step LoRA by Target-Driven Distillation: `python train.py experiment=toy_tdd`.
+
+All options are Hydra configs under conf/ (see conf/train.yaml); `--help` lists the groups.
+"""
+
+import logging
+import os
+import sys
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig
+
+os.environ.setdefault("TDD_ROOT", str(Path(__file__).resolve().parent))
+log = logging.getLogger("train")
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    from hydra.core.hydra_config import HydraConfig
+
+    from tdd_lightning.run import UserError, train
+
+    log.info("output folder: %s", HydraConfig.get().runtime.output_dir)
+    try:
+        metrics = train(cfg)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    log.info("output folder: %s", HydraConfig.get().runtime.output_dir)
+    metric = cfg.get("optimized_metric")
+    return metrics.get(metric) if metric else None
+
+
+if __name__ == "__main__":
+    main()
