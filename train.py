@@ -11,7 +11,10 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
+from tdd_lightning import resolvers
+
 os.environ.setdefault("TDD_ROOT", str(Path(__file__).resolve().parent))
+resolvers.register()
 log = logging.getLogger("train")
 
 

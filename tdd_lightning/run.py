@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,9 @@ from tdd_lightning.module import TDDModule
 from tdd_lightning.strategies import ConfigError
 
 log = logging.getLogger(__name__)
+# The base UNet stays in eval mode on purpose (no dropout in SDXL; teacher and target must be eval)
+warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode.*")
+warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\).*")
 
 
 class UserError(RuntimeError):
@@ -80,8 +84,10 @@ def train(cfg: DictConfig) -> dict[str, float]:
     callbacks = [build(f"callbacks.{k}", v) for k, v in (cfg.get("callbacks") or {}).items() if v]
     loggers = [build(f"logger.{k}", v) for k, v in (cfg.get("logger") or {}).items() if v]
     trainer: L.Trainer = build("trainer", cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    resolved = {k: OmegaConf.to_container(cfg[k], resolve=True) if OmegaConf.is_config(cfg[k]) else cfg[k]
+                for k in cfg if k != "hydra"}  # fmt: skip
     for logger in loggers:
-        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+        logger.log_hyperparams(resolved)
 
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
 

@@ -11,7 +11,9 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
+
+from tdd_lightning.data.resumable import ResumableLoader
 
 
 def text_dims(pretrained: str | Path) -> tuple[int, int]:
@@ -76,11 +78,5 @@ class SyntheticDataModule(L.LightningDataModule):
             "pooled_prompt_embeds": torch.randn(pooled, generator=g),
         }
 
-    def train_dataloader(self) -> DataLoader:
-        return DataLoader(
-            self.dataset,
-            batch_size=self.batch_size,
-            shuffle=True,
-            num_workers=self.num_workers,
-            drop_last=True,
-        )
+    def train_dataloader(self) -> ResumableLoader:
+        return ResumableLoader(self.dataset, self.batch_size, seed=self.seed, num_workers=self.num_workers)
