@@ -54,3 +54,11 @@ sweep: $(STAMP) ## example multirun: 2x2 sweep of the toy, then a report table
 
 clean: ## remove outputs, logs and caches (keeps .venv)
 	rm -rf outputs multirun logs wandb lightning_logs .pytest_cache .ruff_cache artifacts
+
+.PHONY: bench-data
+shapes: $(STAMP) ## build the toy shapes dataset (one- and two-object scenes) into data/shapes/
+	$(PY) data/make_shapes.py --out data/shapes/one --difficulty one $(ARGS)
+	$(PY) data/make_shapes.py --out data/shapes/two --difficulty two $(ARGS)
+
+bench-data: $(STAMP) ## loader samples/s from cached shards vs what toy training consumes (>= 10x)
+	$(PY) -m tdd_lightning.data.bench $(ARGS)

@@ -1,0 +1,152 @@
+"""Loader benchmark: cached-shard samples/s against what the toy training step consumes per second.
+
+    python -m tdd_lightning.data.bench                      # synthetic toy-sized cached shards
+    python -m tdd_lightning.data.bench --shards "data/cache/shapes-two/train/*.tar"
+
+The training side is a proxy of one distillation step (ALGORITHM.md section 2: one student forward and
+backward, then the target's and the teacher's forwards, counted as three no-grad forwards of the batch)
+on a tiny SDXL-shaped UNet from ``tdd_lightning.models.tiny``, at the shapes of the loaded batches.
+The loader must deliver at least ``--min-ratio`` (10) times what the step consumes; exit status 1 if not.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+
+def write_synthetic_cache(
+    out_dir: str | Path,
+    samples: int = 4096,
+    shards: int = 8,
+    latent_shape: tuple[int, int, int] = (4, 8, 8),
+    text_dims: tuple[int, int] = (32, 32),
+    seed: int = 0,
+) -> str:
+    """Random tensors in the offline cache's format (as written by ``data.encode``); returns the glob."""
+    from safetensors.torch import save_file
+
+    from tdd_lightning.data.encode import _sample_bytes
+    from tdd_lightning.data.shards import ShardWriter
+
+    out_dir = Path(out_dir)
+    g = torch.Generator().manual_seed(seed)
+    d1, d2 = text_dims
+    per = -(-samples // shards)
+    for s in range(shards):
+        with ShardWriter(out_dir / f"shard-{s:06d}.tar") as w:
+            for i in range(s * per, min(samples, (s + 1) * per)):
+                blob = {
+                    "latents": torch.randn(latent_shape, generator=g).half(),
+                    "prompt_embeds": torch.randn(77, d1 + d2, generator=g).half(),
+                    "pooled_prompt_embeds": torch.randn(d2, generator=g).half(),
+                    "time_ids": torch.tensor([32.0, 32.0, 0.0, 0.0, 32.0, 32.0]),
+                }
+                w.write(f"{i:08d}", {"safetensors": _sample_bytes(blob), "txt": b"a small red circle"})
+    save_file(
+        {"prompt_embeds": torch.zeros(77, d1 + d2), "pooled_prompt_embeds": torch.zeros(d2)},
+        str(out_dir / "uncond.safetensors"),
+    )
+    return str(out_dir / "shard-*.tar")
+
+
+def loader_rate(shards: str, batch_size: int, num_workers: int, epochs: int = 1) -> tuple[float, dict]:
+    """Steady samples/s over ``epochs`` passes (each epoch's first batch, i.e. worker start-up, excluded)."""
+    from tdd_lightning.data.datamodule import ShardDataModule
+
+    dm = ShardDataModule(shards, mode="cached", batch_size=batch_size, num_workers=num_workers, seed=0)
+    dm.setup("fit")
+    n, seconds, batch = 0, 0.0, None
+    for _ in range(epochs):
+        it = iter(dm.train_dataloader())
+        batch = next(it)
+        start = time.perf_counter()
+        for b in it:
+            n += b["latents"].shape[0]
+        seconds += time.perf_counter() - start
+    return n / max(seconds, 1e-9), batch
+
+
+def train_step_rate(batch: dict, steps: int = 5, channels: tuple[int, ...] = (32, 64)) -> tuple[float, float]:
+    """Samples/s of a distillation-step proxy at the batch's shapes; also the median step time (s)."""
+    from tdd_lightning.models.tiny import TinySDXLConfig, _unet
+
+    x, c = batch["latents"], batch["prompt_embeds"]
+    pooled, time_ids = batch["pooled_prompt_embeds"], batch["time_ids"]
+    d2 = pooled.shape[-1]
+    cfg = TinySDXLConfig(
+        sample_size=x.shape[-1],
+        block_out_channels=tuple(channels),
+        attention_head_dim=tuple(max(1, ch // 16) for ch in channels),
+        transformer_layers_per_block=(1,) * len(channels),
+        latent_channels=x.shape[1],
+        text_hidden_size=(c.shape[-1] - d2, d2),
+        projection_dim=d2,
+    )
+    unet = _unet(cfg)
+    cond = {"encoder_hidden_states": c, "added_cond_kwargs": {"text_embeds": pooled, "time_ids": time_ids}}
+    t = torch.randint(0, 1000, (x.shape[0],))
+
+    def step() -> float:
+        start = time.perf_counter()
+        unet(x, t, **cond).sample.square().mean().backward()  # student: forward + backward
+        with torch.no_grad():
+            for _ in range(3):  # target (B) and teacher (2B): three forwards of the batch
+                unet(x, t, **cond)
+        unet.zero_grad(set_to_none=True)
+        return time.perf_counter() - start
+
+    step()  # warm-up
+    seconds = statistics.median(step() for _ in range(steps))
+    return x.shape[0] / seconds, seconds
+
+
+def main(argv: list[str] | None = None) -> float:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--shards", help="cached shards to read (default: write toy-sized synthetic ones)")
+    p.add_argument("--samples", type=int, default=4096, help="synthetic samples")
+    p.add_argument("--latent-size", type=int, default=8, help="synthetic latent side (toy: 8)")
+    p.add_argument("--text-dims", type=int, nargs=2, default=[32, 32], help="synthetic text widths D1 D2")
+    p.add_argument("--batch-size", type=int, default=32, help="toy batch size")
+    p.add_argument("--workers", type=int, nargs="+", default=[0, 2], help="loader worker counts to measure")
+    p.add_argument("--epochs", type=int, default=2, help="passes per loader measurement")
+    p.add_argument("--steps", type=int, default=5, help="timed training-proxy steps (median)")
+    p.add_argument("--channels", type=int, nargs="+", default=[32, 64], help="proxy UNet block_out_channels")
+    p.add_argument("--threads", type=int, default=min(2, torch.get_num_threads()), help="torch threads")
+    p.add_argument("--min-ratio", type=float, default=10.0)
+    a = p.parse_args(argv)
+    torch.set_num_threads(a.threads)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        shards = a.shards
+        if shards is None:
+            shape = (4, a.latent_size, a.latent_size)
+            shards = write_synthetic_cache(tmp, a.samples, 8, shape, tuple(a.text_dims))
+            print(f"synthetic cached shards: {a.samples} samples, latents {list(shape)}, text {a.text_dims}")
+        rates = {}
+        for w in a.workers:
+            rates[w], batch = loader_rate(shards, a.batch_size, w, a.epochs)
+            print(f"loader, cached shards, {w} worker(s): {rates[w]:,.0f} samples/s")
+    consumed, seconds = train_step_rate(batch, a.steps, tuple(a.channels))
+    shapes = {k: list(v.shape) for k, v in batch.items() if isinstance(v, torch.Tensor)}
+    print(f"toy training proxy (UNet {a.channels}, {a.threads} threads, {shapes}):")
+    print(f"  {seconds * 1000:.0f} ms per step = {consumed:,.0f} samples/s consumed")
+    worst = min(rates, key=rates.get)
+    ratio = rates[worst] / consumed
+    ok = ratio >= a.min_ratio
+    print(
+        f"bench-data: loader {rates[worst]:,.0f} samples/s (slowest, {worst} workers) vs training "
+        f"{consumed:,.0f} samples/s: {ratio:.0f}x ({'OK' if ok else 'FAIL'}, need >= {a.min_ratio:g}x)"
+    )
+    if not ok:
+        raise SystemExit(1)
+    return ratio
+
+
+if __name__ == "__main__":
+    main()

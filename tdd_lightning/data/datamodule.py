@@ -1,0 +1,194 @@
+"""The LightningDataModule over webdataset tar shards, raw images or the offline cache.
+
+- ``mode="raw"``: batches of ``pixels`` [B, 3, H, W] in [-1, 1], ``time_ids`` [B, 6], ``caption``; the
+  LightningModule encodes them (VAE + both text encoders) on the fly.
+- ``mode="cached"``: batches of ``latents``, ``prompt_embeds``, ``pooled_prompt_embeds``, ``time_ids``,
+  ``caption`` read from shards written by ``python -m tdd_lightning.data.encode``; no VAE or text
+  encoder is loaded. ``uncond`` then holds the encoded empty prompt from ``uncond.safetensors``.
+Every batch also has ``key`` (the sample names). Bad samples are skipped with a warning and counted in
+``skipped`` (log it with ``SkippedSamplesLogger``); a pass that yields no batch at all is an error.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader
+
+from tdd_lightning.data.dataset import (
+    CachedDecoder,
+    NoValidSamplesError,
+    RawDecoder,
+    ShardDataset,
+    collate,
+)
+from tdd_lightning.data.preprocess import SDXLPreprocess
+from tdd_lightning.data.shards import check_shards_exist, expand_shards, is_url, open_shard
+
+UNCOND_FILE = "uncond.safetensors"  # written by the offline cache next to its shards
+MODES = ("raw", "cached")
+
+
+class ShardLoader(DataLoader):
+    """A DataLoader over a ShardDataset that advances its epoch and refuses an epoch with no batch."""
+
+    def __iter__(self):
+        self.dataset.epoch += 1  # workers are re-created each epoch from this copy (if not persistent)
+        batches = 0
+        for batch in super().__iter__():
+            batches += 1
+            yield batch
+        if batches == 0:
+            ds = self.dataset
+            raise NoValidSamplesError(
+                f"no batch from {len(ds.shards)} shard(s) ({ds.shards[0]}, ...): "
+                f"{ds.skips.total} sample(s) skipped so far {ds.skips.by_reason()}; see the warnings above"
+                + (" (drop_last drops a worker's last partial batch)" if self.drop_last else "")
+            )
+
+
+def _rank_and_world(trainer) -> tuple[int, int]:
+    if trainer is not None:
+        return trainer.global_rank, trainer.world_size
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def load_uncond(path: str) -> dict[str, torch.Tensor]:
+    """The encoded empty prompt: ``prompt_embeds`` [77, D] and ``pooled_prompt_embeds`` [D2], float32."""
+    from safetensors.torch import load
+
+    if not is_url(path) and not os.path.isfile(path):
+        raise FileNotFoundError(f"unconditional embeddings not found: {path} (written by data.encode)")
+    with open_shard(path) as f:
+        tensors = load(f.read())
+    return {k: tensors[k].float() for k in ("prompt_embeds", "pooled_prompt_embeds")}
+
+
+class ShardDataModule(L.LightningDataModule):
+    """Webdataset shards -> raw or cached-format batches.
+
+    Args:
+        train_shards: brace-expandable string (``data/x-{000000..000009}.tar``), glob, URL, or a list.
+        mode: ``raw`` (images + captions) or ``cached`` (output of ``tdd_lightning.data.encode``).
+        batch_size: per rank.
+        num_workers: DataLoader worker processes per rank.
+        resolution: raw mode: target size, int or [height, width].
+        center_crop: raw mode: centre crop (else random crop).
+        random_flip: raw mode: horizontal flip with probability 1/2.
+        resampled: repeat passes without end; an epoch is ``samples_per_epoch`` samples.
+        samples_per_epoch: samples per epoch over all ranks (None: one pass, or endless if resampled).
+        seed: seeds the shard order (shared by ranks) and each reader's sample order and crops.
+        pin_memory: DataLoader pin_memory.
+        shuffle_buffer: samples held per worker for shuffling (undecoded bytes; 0 = no shuffle).
+        drop_last: drop each worker's last partial batch.
+        persistent_workers: keep workers between epochs.
+        uncond_path: cached mode: the empty-prompt file (default: ``uncond.safetensors`` beside the shards).
+    """
+
+    def __init__(
+        self,
+        train_shards: str | Sequence[str],
+        mode: str = "raw",
+        batch_size: int = 16,
+        num_workers: int = 2,
+        resolution: int | Sequence[int] = 1024,
+        center_crop: bool = False,
+        random_flip: bool = False,
+        resampled: bool = False,
+        samples_per_epoch: int | None = None,
+        seed: int = 0,
+        pin_memory: bool = False,
+        shuffle_buffer: int = 1000,
+        drop_last: bool = False,
+        persistent_workers: bool = False,
+        uncond_path: str | None = None,
+    ):
+        super().__init__()
+        if mode not in MODES:
+            raise ValueError(f"data mode must be one of {MODES}, got {mode!r}")
+        self.train_shards, self.mode = train_shards, mode
+        self.batch_size, self.num_workers, self.pin_memory = batch_size, num_workers, pin_memory
+        self.resolution = resolution if isinstance(resolution, int) else tuple(resolution)
+        self.center_crop, self.random_flip = center_crop, random_flip
+        self.resampled, self.samples_per_epoch, self.seed = resampled, samples_per_epoch, seed
+        self.shuffle_buffer, self.drop_last, self.persistent_workers = (
+            shuffle_buffer,
+            drop_last,
+            persistent_workers,
+        )
+        self.uncond_path = uncond_path
+        self.uncond: dict[str, torch.Tensor] | None = None
+        self.train_dataset: ShardDataset | None = None
+
+    # ---- set-up ----------------------------------------------------------------------------------
+    def _decoder(self) -> RawDecoder | CachedDecoder:
+        if self.mode == "cached":
+            return CachedDecoder()
+        return RawDecoder(SDXLPreprocess(self.resolution, self.center_crop, self.random_flip))
+
+    def _dataset(self, spec, train: bool) -> ShardDataset:
+        shards = expand_shards(spec)
+        check_shards_exist(shards)  # a missing path fails here, named, before any worker starts
+        rank, world = _rank_and_world(self.trainer)
+        return ShardDataset(
+            shards,
+            self._decoder(),
+            shuffle=train,
+            shuffle_buffer=self.shuffle_buffer,
+            resampled=self.resampled and train,
+            samples_per_epoch=self.samples_per_epoch if train else None,
+            seed=self.seed,
+            rank=rank,
+            world_size=world,
+            num_workers=self.num_workers,
+        )
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_dataset is None:
+            self.train_dataset = self._dataset(self.train_shards, train=True)
+        if self.mode == "cached" and self.uncond is None:
+            first = self.train_dataset.shards[0]
+            self.uncond = load_uncond(self.uncond_path or first[: first.rfind("/") + 1] + UNCOND_FILE)
+
+    # ---- loaders ---------------------------------------------------------------------------------
+    def _loader(self, dataset: ShardDataset) -> ShardLoader:
+        return ShardLoader(
+            dataset,
+            batch_size=self.batch_size,
+            num_workers=self.num_workers,
+            collate_fn=collate,
+            pin_memory=self.pin_memory,
+            drop_last=self.drop_last,
+            persistent_workers=self.persistent_workers and self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> ShardLoader:
+        if self.trainer is not None:  # after a resume, a new stream rather than a replay of the first samples
+            self.train_dataset.stream = self.trainer.global_step
+        return self._loader(self.train_dataset)
+
+    # ---- bad-input accounting --------------------------------------------------------------------
+    @property
+    def skipped(self) -> int:
+        """Samples skipped so far (all workers of this rank, all epochs)."""
+        return self.train_dataset.skips.total if self.train_dataset is not None else 0
+
+    def skipped_by_reason(self) -> dict[str, int]:
+        return self.train_dataset.skips.by_reason() if self.train_dataset is not None else {}
+
+
+class SkippedSamplesLogger(L.Callback):
+    """Log the datamodule's skipped-sample count as ``data/skipped`` (summed over ranks)."""
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        dm = getattr(trainer, "datamodule", None)
+        if dm is not None and hasattr(dm, "skipped"):
+            value = torch.tensor(float(dm.skipped), device=pl_module.device)
+            pl_module.log(
+                "data/skipped", value, reduce_fx="sum", sync_dist=True, on_step=True, on_epoch=False
+            )

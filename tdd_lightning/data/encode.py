@@ -1,0 +1,209 @@
+"""Offline cache: raw shards -> shards of VAE latents, text embeddings and time ids.
+
+    python -m tdd_lightning.data.encode "data/raw/train-{000000..000099}.tar" data/cache/train \\
+        --model /data/sdxl-base-1.0 --resolution 1024 --device cuda --dtype fp16
+
+Each input shard gives one output shard of the same name. Each sample holds ``<key>.safetensors``
+(``latents`` fp16, already times ``vae.config.scaling_factor``; ``prompt_embeds`` and
+``pooled_prompt_embeds`` in ``--embeds-dtype``; ``time_ids`` float32) and ``<key>.txt`` (the caption).
+The out folder also gets ``uncond.safetensors`` (the encoded empty prompt "", float32) and
+``meta.json`` (settings and counts). Crop and flip are drawn once here and frozen in the cache (the
+time ids record them). Training with ``data.mode=cached`` then never loads the VAE or text encoders.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def _out_name(url: str) -> str:
+    name = url.rstrip("/").rsplit("/", 1)[-1]
+    return name if name.endswith(".tar") else name + ".tar"
+
+
+def _sample_bytes(tensors: dict[str, torch.Tensor]) -> bytes:
+    from safetensors.torch import save
+
+    return save({k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()})
+
+
+def encode_shards(
+    in_shards: str | list[str],
+    out_dir: str | os.PathLike,
+    encoder,
+    *,
+    resolution: int | tuple[int, int] | None = None,
+    center_crop: bool = True,
+    random_flip: bool = False,
+    batch_size: int = 16,
+    num_workers: int = 2,
+    sample_latents: bool = False,
+    seed: int = 0,
+    embeds_dtype: torch.dtype = torch.float16,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> dict:
+    """Encode every raw shard of ``in_shards`` with ``encoder`` (an SDXLEncoder) into ``out_dir``.
+
+    Returns the metadata written to ``meta.json`` (counts included). Bad samples are skipped, counted
+    and reported like in training; no usable sample at all raises ``NoValidSamplesError``.
+    """
+    from safetensors.torch import save_file
+    from torch.utils.data import DataLoader
+    from tqdm.auto import tqdm
+
+    from tdd_lightning.data.dataset import NoValidSamplesError, RawDecoder, ShardDataset, collate
+    from tdd_lightning.data.preprocess import SDXLPreprocess
+    from tdd_lightning.data.shards import ShardWriter, check_shards_exist, expand_shards
+
+    shards = expand_shards(in_shards)
+    check_shards_exist(shards)
+    names = [_out_name(s) for s in shards]
+    if len(set(names)) != len(names):
+        raise ValueError(
+            "input shards must have distinct file names (each gives the output shard of that name)"
+        )
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    existing = [n for n in names if (out_dir / n).exists()]
+    if existing and not overwrite:
+        raise FileExistsError(f"{out_dir / existing[0]} exists (pass --overwrite to replace the cache)")
+
+    resolution = resolution or encoder.vae.config.sample_size
+    workers = min(num_workers, len(shards))
+    preprocess = SDXLPreprocess(resolution, center_crop=center_crop, random_flip=random_flip)
+    dataset = ShardDataset(
+        shards, RawDecoder(preprocess), shuffle=False, seed=seed, num_workers=workers, return_url=True
+    )
+    loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=collate)
+    generator = torch.Generator(encoder.device).manual_seed(seed) if sample_latents else None
+
+    index = {url: i for i, url in enumerate(shards)}
+    writers: dict[int, ShardWriter] = {}
+    counts: dict[str, int] = {}
+    latent_shape = None
+    start = time.time()
+    bar = tqdm(unit="img", desc="encode", disable=not progress)
+    for batch in loader:
+        out = encoder(batch, sample=sample_latents, generator=generator)
+        latent_shape = list(out["latents"].shape[1:])
+        for i, url in enumerate(batch["url"]):
+            s = index[url]
+            if s not in writers:
+                # a reader handles its shards in order (shard i goes to worker i % workers): the one
+                # before this of the same reader is complete
+                for done in [j for j in writers if j % max(workers, 1) == s % max(workers, 1) and j < s]:
+                    writers.pop(done).close()
+                writers[s] = ShardWriter(out_dir / names[s])
+            blob = {
+                "latents": out["latents"][i].half(),
+                "prompt_embeds": out["prompt_embeds"][i].to(embeds_dtype),
+                "pooled_prompt_embeds": out["pooled_prompt_embeds"][i].to(embeds_dtype),
+                "time_ids": out["time_ids"][i].float(),
+            }
+            writers[s].write(
+                batch["key"][i], {"safetensors": _sample_bytes(blob), "txt": out["caption"][i].encode()}
+            )
+            counts[names[s]] = counts.get(names[s], 0) + 1
+        bar.update(len(batch["key"]))
+        bar.set_postfix(skipped=dataset.skips.total)
+    bar.close()
+    for w in writers.values():
+        w.close()
+    if not counts:
+        raise NoValidSamplesError(
+            f"no valid sample in {len(shards)} shard(s) ({shards[0]}, ...): "
+            f"{dataset.skips.total} skipped {dataset.skips.by_reason()}"
+        )
+
+    prompt_embeds, pooled = encoder.encode_text([""])
+    save_file(
+        {"prompt_embeds": prompt_embeds[0].contiguous(), "pooled_prompt_embeds": pooled[0].contiguous()},
+        str(out_dir / "uncond.safetensors"),
+    )
+    meta = {
+        "resolution": resolution,
+        "center_crop": center_crop,
+        "random_flip": random_flip,
+        "sample_latents": sample_latents,
+        "seed": seed,
+        "scaling_factor": encoder.vae.config.scaling_factor,
+        "latent_shape": latent_shape,
+        "prompt_embeds_shape": list(prompt_embeds.shape[1:]),
+        "pooled_dim": int(pooled.shape[-1]),
+        "latents_dtype": "float16",
+        "embeds_dtype": str(embeds_dtype).removeprefix("torch."),
+        "samples": sum(counts.values()),
+        "skipped": dataset.skips.by_reason(),
+        "shards": counts,
+        "seconds": round(time.time() - start, 2),
+    }
+    (out_dir / "meta.json").write_text(json.dumps(meta, indent=1))
+    return meta
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(
+        description="Encode raw image/caption shards into a latent + embedding cache."
+    )
+    p.add_argument(
+        "in_shards", help='input shards: brace pattern, glob or URL, e.g. "raw/train-{000..009}.tar"'
+    )
+    p.add_argument("out_dir", help="output folder (shards of the same names, uncond.safetensors, meta.json)")
+    p.add_argument("--model", required=True, help="diffusers SDXL folder or hub id (VAE and text encoders)")
+    p.add_argument(
+        "--resolution", type=int, nargs="+", help="target size: S or H W (default: VAE sample_size)"
+    )
+    p.add_argument("--random-crop", action="store_true", help="random crop instead of centre crop (frozen)")
+    p.add_argument("--random-flip", action="store_true", help="random horizontal flip (frozen in the cache)")
+    p.add_argument(
+        "--sample-latents", action="store_true", help="sample the latent distribution (default: mode)"
+    )
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--num-workers", type=int, default=2, help="image decoding worker processes")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument(
+        "--dtype", choices=DTYPES, default="fp32", help="encoder dtype (an fp16 SDXL VAE stays fp32)"
+    )
+    p.add_argument("--embeds-dtype", choices=["fp16", "fp32"], default="fp16", help="stored text embeddings")
+    p.add_argument("--seed", type=int, default=0, help="seeds random crops/flips and latent sampling")
+    p.add_argument("--overwrite", action="store_true", help="replace existing output shards")
+    p.add_argument("--no-progress", action="store_true")
+    a = p.parse_args(argv)
+
+    from tdd_lightning.models.encoder import SDXLEncoder
+
+    encoder = SDXLEncoder.from_pretrained(a.model, dtype=DTYPES[a.dtype]).to(a.device)
+    res = None if not a.resolution else a.resolution[0] if len(a.resolution) == 1 else tuple(a.resolution[:2])
+    meta = encode_shards(
+        a.in_shards,
+        a.out_dir,
+        encoder,
+        resolution=res,
+        center_crop=not a.random_crop,
+        random_flip=a.random_flip,
+        batch_size=a.batch_size,
+        num_workers=a.num_workers,
+        sample_latents=a.sample_latents,
+        seed=a.seed,
+        embeds_dtype=DTYPES[a.embeds_dtype],
+        overwrite=a.overwrite,
+        progress=not a.no_progress,
+    )
+    print(
+        f"wrote {meta['samples']} samples in {len(meta['shards'])} shard(s) to {a.out_dir} "
+        f"({meta['seconds']} s; skipped {meta['skipped'] or 0}); latents {meta['latent_shape']}"
+    )
+    return meta
+
+
+if __name__ == "__main__":
+    main()

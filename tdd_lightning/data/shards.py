@@ -1,0 +1,155 @@
+"""Webdataset-format tar shards: expand shard specs, check they exist, read samples, write shards.
+
+A shard is a plain tar file; files that share a key (the name up to the first dot of its basename) form
+one sample, e.g. ``000017.png`` + ``000017.txt``. Reading is done here rather than with the webdataset
+pipeline so that every broken input is reported to one place (the caller's ``on_error``) and counted.
+Only the standard library is imported at module level, so the shapes generator stays fast to start.
+"""
+
+from __future__ import annotations
+
+import glob
+import io
+import os
+import tarfile
+from collections.abc import Callable, Iterator, Sequence
+
+URL_SCHEMES = ("http://", "https://", "pipe:", "s3://", "gs://", "ais://", "hf://")
+
+# on_error(reason, url, message): called once per skipped sample (or unreadable shard)
+ErrorCallback = Callable[[str, str, str], None]
+
+
+def is_url(spec: str) -> bool:
+    """True for remote or piped shards (not checked for existence at start-up)."""
+    return spec.startswith(URL_SCHEMES)
+
+
+def _absolute(path: str) -> str:
+    # Hydra may change the working folder to the run's output folder: relative paths mean the launch folder
+    try:
+        from hydra.utils import to_absolute_path
+
+        return to_absolute_path(path)
+    except Exception:  # hydra absent or not initialised
+        return os.path.abspath(path)
+
+
+def expand_shards(spec: str | Sequence[str]) -> list[str]:
+    """Brace-expand (``shard-{000000..000007}.tar``) and glob (``train/*.tar``) a shard spec.
+
+    ``spec`` is one string or a list of strings; local paths become absolute, URLs are left as they are.
+    A glob that matches nothing raises ``FileNotFoundError`` naming the pattern.
+    """
+    from braceexpand import braceexpand
+
+    items = [spec] if isinstance(spec, str) else [str(s) for s in spec]
+    out: list[str] = []
+    for item in items:
+        for s in braceexpand(os.path.expanduser(item)):
+            if is_url(s):
+                out.append(s)
+                continue
+            s = _absolute(s[7:] if s.startswith("file://") else s[5:] if s.startswith("file:") else s)
+            if glob.has_magic(s):
+                matches = sorted(glob.glob(s))
+                if not matches:
+                    raise FileNotFoundError(f"no shard matches the pattern {s}")
+                out.extend(matches)
+            else:
+                out.append(s)
+    if not out:
+        raise ValueError(f"the shard spec {spec!r} expands to no shard")
+    return out
+
+
+def check_shards_exist(shards: Sequence[str]) -> None:
+    """Raise ``FileNotFoundError`` naming the first missing local shard (URLs are not checked)."""
+    missing = [s for s in shards if not is_url(s) and not os.path.isfile(s)]
+    if missing:
+        more = f" (and {len(missing) - 1} more of {len(shards)})" if len(missing) > 1 else ""
+        raise FileNotFoundError(f"shard not found: {missing[0]}{more}")
+
+
+def open_shard(url: str):
+    """A binary stream over a local path or a URL (http(s) via curl, ``pipe:cmd``: webdataset's gopen)."""
+    if not is_url(url):
+        return open(url, "rb")
+    from webdataset.gopen import gopen
+
+    return gopen(url, "rb")
+
+
+def split_key(name: str) -> tuple[str, str] | tuple[None, None]:
+    """``dir/000017.latents.safetensors`` -> (``dir/000017``, ``latents.safetensors``)."""
+    base = os.path.basename(name)
+    if "." not in base or base.startswith("."):
+        return None, None
+    stem, ext = base.split(".", 1)
+    return name[: len(name) - len(base)] + stem, ext.lower()
+
+
+def iter_tar_samples(url: str, on_error: ErrorCallback) -> Iterator[dict]:
+    """Yield the samples of one shard as dicts ``{"__key__", "__url__", ext: bytes, ...}``.
+
+    An unreadable shard is reported once (reason ``shard``). A read error part-way (a truncated or
+    corrupt tar) drops the sample being assembled, reports it (reason ``truncated``) and ends the shard:
+    samples already yielded stay valid.
+    """
+    try:
+        stream = open_shard(url)
+    except Exception as exn:
+        on_error("shard", url, f"cannot open shard: {exn!r}")
+        return
+    current: dict | None = None
+    try:
+        with tarfile.open(fileobj=stream, mode="r|*") as tar:
+            for info in tar:
+                if not info.isreg():
+                    continue
+                key, ext = split_key(info.name)
+                if key is None or os.path.basename(info.name).startswith("__"):
+                    continue
+                data = tar.extractfile(info).read()
+                tar.members = []  # streaming: do not keep every header in memory
+                if current is not None and current["__key__"] != key:
+                    yield current
+                    current = None
+                if current is None:
+                    current = {"__key__": key, "__url__": url}
+                current[ext] = data
+    except Exception as exn:  # tarfile.ReadError, EOFError, OSError from a truncated/corrupt file
+        where = f" in sample {current['__key__']}" if current else ""
+        on_error("truncated", url, f"shard unreadable from here on{where}: {exn!r}")
+        return
+    finally:
+        stream.close()
+    if current is not None:
+        yield current
+
+
+class ShardWriter:
+    """Write samples to one tar shard, deterministically (fixed mtime/owner: same input, same bytes)."""
+
+    def __init__(self, path: str | os.PathLike):
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        self.path = str(path)
+        self.count = 0
+        self._tar = tarfile.open(self.path, "w", format=tarfile.USTAR_FORMAT)
+
+    def write(self, key: str, files: dict[str, bytes]) -> None:
+        """Add one sample: ``files`` maps an extension (``png``, ``txt``, ...) to its bytes."""
+        for ext, data in files.items():
+            info = tarfile.TarInfo(f"{key}.{ext}")
+            info.size, info.mtime, info.mode = len(data), 0, 0o444
+            self._tar.addfile(info, io.BytesIO(data))
+        self.count += 1
+
+    def close(self) -> None:
+        self._tar.close()
+
+    def __enter__(self) -> ShardWriter:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
