@@ -9,6 +9,7 @@ from typing import Any
 import lightning as L
 import torch
 
+from tdd_lightning.checkpoint_io import checkpoint_path
 from tdd_lightning.conditioning import (
     condition_from_batch,
     replace_where,
@@ -24,6 +25,10 @@ from tdd_lightning.strategies import DistillationLoss, Guidance, TargetSelection
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+class NonFiniteError(RuntimeError):
+    """Too many non-finite steps in a row; the message names the checkpoint of the last good state."""
+
+
 class TDDModule(L.LightningModule):
     """Consistency distillation with a pluggable target selection, guidance and loss.
 
@@ -36,7 +41,9 @@ class TDDModule(L.LightningModule):
         optimizer: a factory taking the student's LoRA parameters (Hydra ``_partial_``).
         lr_scheduler: a factory taking the optimizer, stepped every optimizer step (or None).
         ema_decay: the target's EMA decay over the student's LoRA tensors (0: the online student).
-        seed: with the global step and the rank, seeds each step's randomness (exact resume).
+        seed: with the global step, seeds each step's randomness (exact resume, world-size invariant).
+        max_nonfinite_steps: stop (with a checkpoint of the last good state) after this many steps in a
+            row whose loss or gradient was not finite; each such step is skipped and counted.
     """
 
     def __init__(
@@ -49,10 +56,16 @@ class TDDModule(L.LightningModule):
         lr_scheduler: Callable[..., Any] | None = None,
         ema_decay: float = 0.0,
         seed: int = 0,
+        max_nonfinite_steps: int = 10,
     ):
         super().__init__()
         if not 0.0 <= ema_decay <= 1.0:
             raise ValueError(f"module.ema_decay={ema_decay} must lie in [0, 1]")
+        if max_nonfinite_steps < 1:
+            raise ValueError(f"module.max_nonfinite_steps={max_nonfinite_steps} must be >= 1")
+        self.max_nonfinite_steps = max_nonfinite_steps
+        self.nonfinite_total = self.nonfinite_in_a_row = 0
+        self._skip_update = False
         self.model_cfg = dict(model)
         self.target_selection, self.guidance, self.distill_loss = target_selection, guidance, loss
         self.optimizer_factory, self.lr_scheduler_factory = optimizer, lr_scheduler
@@ -140,11 +153,20 @@ class TDDModule(L.LightningModule):
 
     # ---- the training step (ALGORITHM.md section 2) -------------------------------------------------
     def step_generator(self, device: torch.device) -> torch.Generator:
-        """Each step's randomness is a pure function of (seed, global step, rank): resume is exact."""
-        key = f"{self.seed}/{self.global_step}/{self.global_rank}".encode()
+        """Each step's randomness is a pure function of (seed, global step): resume is exact.
+
+        Draws are made for the global batch and each rank takes its slice (``world_slice``), so N
+        processes with batch B compute what one process with batch N*B would.
+        """
+        key = f"{self.seed}/{self.global_step}".encode()
         g = torch.Generator(device=device)
         g.manual_seed(int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little") >> 1)
         return g
+
+    def world_slice(self, batch_size: int) -> tuple[int, slice]:
+        """(global batch size, this rank's slice of it)."""
+        world, rank = (self.trainer.world_size, self.global_rank) if self._trainer is not None else (1, 0)
+        return batch_size * world, slice(rank * batch_size, (rank + 1) * batch_size)
 
     def distillation_loss(self, batch: dict, generator: torch.Generator) -> dict[str, torch.Tensor]:
         roles, schedule, ts = self.roles, self.schedule, self.target_selection
@@ -154,21 +176,24 @@ class TDDModule(L.LightningModule):
             batch = self.encoder(batch)
         x0 = batch["latents"].float()
         c = condition_from_batch(batch)
-        B, device = x0.shape[0], x0.device
+        device = x0.device
+        B_global, mine = self.world_slice(x0.shape[0])
         u = unconditional_like(c, self.uncond_text)
 
         # 2. guidance dropout: dropped samples use u for the student, the teacher and the target
-        draw = self.guidance.draw(B, generator, device)
-        c = replace_where(draw.drop, c, u)
+        draw = self.guidance.draw(B_global, generator, device)
+        drop, w = draw.drop[mine], draw.w[mine]
+        c = replace_where(drop, c, u)
 
         # 3. start time t on the teacher grid, teacher end time t', noisy latent x_t
-        t, t_prev = ts.sample_times(B, generator, device)
-        eps = torch.randn(x0.shape, generator=generator, device=device, dtype=x0.dtype)
+        t_global, t_prev_global = ts.sample_times(B_global, generator, device)
+        t, t_prev = t_global[mine], t_prev_global[mine]
+        eps = torch.randn((B_global, *x0.shape[1:]), generator=generator, device=device, dtype=x0.dtype)[mine]
         a_t, sigma_t = schedule.a_sigma(t, x0)
         x_t = add_noise(x0, eps, a_t, sigma_t)
 
         # 4. target timestep s
-        s = ts.select(t_prev, generator)
+        s = ts.select(t_prev_global, generator)[mine]
 
         # 5. student (LoRA on, with gradients): jump t -> s
         with roles.role(STUDENT) as unet:
@@ -178,8 +203,8 @@ class TDDModule(L.LightningModule):
             # 6. teacher (adapters off): one DDIM step t -> t' with CFG, cond and uncond batched
             with roles.role("teacher") as unet:
                 if self.guidance.uses_cfg:
-                    eps_c, eps_u = teacher_cfg_eps(unet, x_t, t, c, u, same=draw.drop)
-                    eps_teacher = cfg_combine(eps_c.float(), eps_u.float(), draw.w.view(-1, 1, 1, 1))
+                    eps_c, eps_u = teacher_cfg_eps(unet, x_t, t, c, u, same=drop)
+                    eps_teacher = cfg_combine(eps_c.float(), eps_u.float(), w.view(-1, 1, 1, 1))
                 else:
                     eps_teacher = unet_eps(unet, x_t, t, c).float()
             a_tp, sigma_tp = schedule.a_sigma(t_prev, x0)
@@ -191,7 +216,7 @@ class TDDModule(L.LightningModule):
 
         # 8. loss
         loss = self.distill_loss(pred, target)
-        return {"loss": loss, "t": t, "s": s, "w": draw.w, "dropped": draw.drop}
+        return {"loss": loss, "t": t, "s": s, "w": w, "dropped": drop}
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         out = self.distillation_loss(batch, self.step_generator(self.device))
@@ -209,17 +234,48 @@ class TDDModule(L.LightningModule):
         )
         return out["loss"]
 
+    # ---- non-finite guard ---------------------------------------------------------------------------
+    def on_before_optimizer_step(self, optimizer) -> None:
+        """Skip the update (weights, optimizer state and EMA) when the loss or a gradient is not finite."""
+        grads = [p.grad for p in self.roles.student_params if p.grad is not None]
+        norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))) if grads else torch.zeros(())
+        self.log("train/grad_norm", norm)  # before clipping
+        self._skip_update = not bool(torch.isfinite(norm))  # the guard's one host sync per step
+        if self._skip_update:
+            for p in self.roles.student_params:
+                p.grad = None  # AdamW leaves parameters without a gradient (and their state) untouched
+            self.nonfinite_total += 1
+            self.nonfinite_in_a_row += 1
+        else:
+            self.nonfinite_in_a_row = 0
+        self.log("train/nonfinite_skipped", float(self.nonfinite_total))
+
     def optimizer_step(self, *args, **kwargs):
         super().optimizer_step(*args, **kwargs)
-        self.roles.update_target(self.ema_decay)  # after each real optimizer step
+        if not self._skip_update:
+            self.roles.update_target(self.ema_decay)  # after each real optimizer step
+
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        if self.nonfinite_in_a_row >= self.max_nonfinite_steps:
+            path = checkpoint_path(self.trainer, "last_good.ckpt")
+            self.trainer.save_checkpoint(path)
+            raise NonFiniteError(
+                f"{self.nonfinite_in_a_row} training steps in a row had a non-finite loss or gradient "
+                f"(limit module.max_nonfinite_steps={self.max_nonfinite_steps}); stopped at step "
+                f"{self.global_step}. The last good state is in {path}: lower the lr or check the data."
+            )
 
     # ---- checkpoints hold LoRA tensors only ------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if "lora_" in k}
-        checkpoint["tdd_lightning"] = {"lora": self.model_cfg.get("lora", {})}
+        checkpoint["tdd_lightning"] = {
+            "lora": self.model_cfg.get("lora", {}),
+            "nonfinite_total": self.nonfinite_total,
+        }
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.configure_model()
+        self.nonfinite_total = checkpoint.get("tdd_lightning", {}).get("nonfinite_total", 0)
 
     # ---- few-step sampling with the module's own maths --------------------------------------------
     @torch.no_grad()

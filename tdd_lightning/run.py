@@ -16,9 +16,11 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from tdd_lightning.checkpoint_io import CheckpointError, check_checkpoint
 from tdd_lightning.models.loading import ModelNotFoundError, resolve_model_path
-from tdd_lightning.module import TDDModule
+from tdd_lightning.module import NonFiniteError, TDDModule
 from tdd_lightning.strategies import ConfigError
+from tdd_lightning.validation import ConfigValueError, validate
 
 log = logging.getLogger(__name__)
 # The base UNet stays in eval mode on purpose (no dropout in SDXL; teacher and target must be eval)
@@ -62,8 +64,6 @@ def prepare_model(model_cfg: DictConfig) -> None:
 def build_module(cfg: DictConfig) -> TDDModule:
     module_cfg = cfg.get("module") or {}
     ema_decay = float(module_cfg.get("ema_decay", 0.0))
-    if not 0.0 <= ema_decay <= 1.0:
-        raise UserError(f"module.ema_decay={ema_decay} is invalid: must lie in [0, 1]")
     return TDDModule(
         model=OmegaConf.to_container(cfg.model, resolve=True),
         target_selection=build("target_selection", cfg.target_selection),
@@ -73,10 +73,33 @@ def build_module(cfg: DictConfig) -> TDDModule:
         lr_scheduler=build("lr_scheduler", cfg.get("lr_scheduler")),
         ema_decay=ema_decay,
         seed=int(cfg.seed),
+        max_nonfinite_steps=int(module_cfg.get("max_nonfinite_steps", 10)),
     )
 
 
+def resolve_ckpt_path(cfg: DictConfig) -> str | None:
+    """``ckpt_path=auto``: resume from this run folder's checkpoints/last.ckpt if it exists, else start."""
+    path = cfg.get("ckpt_path")
+    if path != "auto":
+        return path
+    last = Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
+    return str(last) if last.is_file() else None
+
+
+def check_config(cfg: DictConfig) -> None:
+    """Everything that can be checked before loading anything heavy."""
+    try:
+        validate(cfg)
+        if resolve_ckpt_path(cfg):
+            check_checkpoint(resolve_ckpt_path(cfg))
+    except ConfigValueError as e:
+        raise UserError(str(e)) from None
+    except CheckpointError as e:
+        raise UserError(f"ckpt_path: {e}") from None
+
+
 def train(cfg: DictConfig) -> dict[str, float]:
+    check_config(cfg)
     L.seed_everything(cfg.seed, workers=True)
     prepare_model(cfg.model)
     datamodule = build("data", cfg.data)
@@ -89,7 +112,10 @@ def train(cfg: DictConfig) -> dict[str, float]:
     for logger in loggers:
         logger.log_hyperparams(resolved)
 
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=resolve_ckpt_path(cfg))
+    except NonFiniteError as e:
+        raise UserError(str(e)) from None
 
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
     metrics["global_step"] = trainer.global_step

@@ -60,7 +60,7 @@ def test_missing_folder_and_non_sdxl_folder(tmp_path):
 
 
 def test_tokenizer_words_are_single_tokens():
-    words = ["bottom", "bot", "circle", "red", "left"]
+    words = ["bottom", "bot", "circle", "red", "left", "above", "abo"]  # shared prefixes and pairs
     tok = make_clip_tokenizer(words)
     assert tok.tokenize("a red circle at the bottom left")[1:3] == ["red</w>", "circle</w>"]
     for w in words:

@@ -1,9 +1,12 @@
-"""A DataLoader that resumes mid-epoch exactly: per-epoch permutations from (seed, epoch), plus position.
+"""A DataLoader that resumes mid-epoch exactly and splits global batches across ranks.
 
-Lightning saves ``state_dict()`` of any loader that has one into the checkpoint and restores it on
-resume, so the run continues with the very batch it would have seen next. The position is counted in
-the main process as batches are handed to the training loop (worker prefetching does not count);
-tests/test_train_cli.py checks the resumed losses step by step against an uninterrupted run.
+Epoch e visits randperm(n) drawn from (seed + e). Global batch k is positions [k W B, (k + 1) W B) of
+that order; rank r takes its B-slice [k W B + r B, k W B + (r + 1) B). So W ranks with batch B see
+exactly what one process with batch W B sees, in the same order (the module's randomness is sliced
+the same way). Lightning saves ``state_dict()`` of any loader that has one into the checkpoint and
+restores it on resume; the position is counted in the main process as batches are handed to the
+training loop (worker prefetching does not count). tests/test_train_cli.py checks resumed losses step
+by step against an uninterrupted run.
 """
 
 from __future__ import annotations
@@ -14,47 +17,67 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 
-class EpochPermutation(Sampler[int]):
-    """Sampler: epoch e visits randperm(n) drawn from seed + e, starting at ``start`` (resume)."""
+class GlobalBatchSampler(Sampler[int]):
+    """This rank's indices, epoch by epoch, starting after ``start_batch`` global batches (resume)."""
 
-    def __init__(self, n: int, seed: int = 0):
-        self.n, self.seed, self.epoch, self.start = n, seed, 0, 0
+    def __init__(self, n: int, batch_size: int, seed: int = 0, rank: int = 0, world_size: int = 1):
+        if n < batch_size * world_size:
+            raise ValueError(
+                f"the dataset has {n} samples, fewer than one global batch "
+                f"({batch_size} x {world_size} ranks)"
+            )
+        self.n, self.B, self.seed, self.rank, self.W = n, batch_size, seed, rank, world_size
+        self.epoch, self.start_batch = 0, 0
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return self.n // (self.B * self.W)
 
     def __iter__(self) -> Iterator[int]:
         g = torch.Generator().manual_seed(self.seed + self.epoch)
         order = torch.randperm(self.n, generator=g).tolist()
-        yield from order[self.start :]
+        for k in range(self.start_batch, self.batches_per_epoch):
+            first = k * self.B * self.W + self.rank * self.B
+            yield from order[first : first + self.B]
 
     def __len__(self) -> int:
-        return self.n - self.start
+        return (self.batches_per_epoch - self.start_batch) * self.B
 
 
 class ResumableLoader(DataLoader):
-    """Shuffles with EpochPermutation (drop_last); ``state_dict``/``load_state_dict`` give exact resume."""
+    """Loader over ``GlobalBatchSampler``; ``state_dict``/``load_state_dict`` give exact resume."""
 
-    def __init__(self, dataset: Dataset, batch_size: int, seed: int = 0, **kwargs):
-        self.perm = EpochPermutation(len(dataset), seed)
-        super().__init__(dataset, batch_size=batch_size, sampler=self.perm, drop_last=True, **kwargs)
+    def __init__(
+        self, dataset: Dataset, batch_size: int, seed: int = 0, rank: int = 0, world_size: int = 1, **kwargs
+    ):
+        self.order = GlobalBatchSampler(len(dataset), batch_size, seed, rank, world_size)
+        super().__init__(dataset, batch_size=batch_size, sampler=self.order, drop_last=True, **kwargs)
         self._consumed = 0  # batches handed out in the current epoch (counting the resumed-from start)
 
     def __iter__(self):
-        start_batches = self.perm.start // self.batch_size
-        self._consumed = start_batches
+        self._consumed = self.order.start_batch
         for batch in super().__iter__():
             self._consumed += 1
             yield batch
-        # epoch finished: next epoch starts from its beginning with a new permutation
-        self.perm.epoch += 1
-        self.perm.start = 0
+        # epoch finished: the next one starts from its beginning with a new permutation
+        self.order.epoch += 1
+        self.order.start_batch = 0
         self._consumed = 0
 
     def state_dict(self) -> dict:
-        return {"epoch": self.perm.epoch, "batches": self._consumed, "batch_size": self.batch_size}
+        return {
+            "epoch": self.order.epoch,
+            "batches": self._consumed,
+            "batch_size": self.batch_size,
+            "world_size": self.order.W,
+        }
 
     def load_state_dict(self, state: dict) -> None:
-        if state.get("batch_size") != self.batch_size:
+        was = (state.get("batch_size"), state.get("world_size", 1))
+        if was != (self.batch_size, self.order.W):
             raise ValueError(
-                f"cannot resume the data position: batch_size was {state.get('batch_size')}, "
-                f"now {self.batch_size}"
+                "cannot resume the data position: the run used batch_size x world_size = "
+                f"{was[0]} x {was[1]}, "
+                f"this one {self.batch_size} x {self.order.W}"
             )
-        self.perm.epoch, self.perm.start = state["epoch"], state["batches"] * self.batch_size
+        self.order.epoch, self.order.start_batch = state["epoch"], state["batches"]

@@ -79,4 +79,13 @@ class SyntheticDataModule(L.LightningDataModule):
         }
 
     def train_dataloader(self) -> ResumableLoader:
-        return ResumableLoader(self.dataset, self.batch_size, seed=self.seed, num_workers=self.num_workers)
+        trainer = self.trainer
+        rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+        return ResumableLoader(
+            self.dataset,
+            self.batch_size,
+            seed=self.seed,
+            rank=rank,
+            world_size=world,
+            num_workers=self.num_workers,
+        )

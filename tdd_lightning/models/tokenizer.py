@@ -25,24 +25,49 @@ def byte_symbols() -> list[str]:
     return [out[b] for b in range(256)]
 
 
+def bpe_segments(symbols: list[str], ranks: dict[tuple[str, str], int]) -> list[str]:
+    """Apply BPE merges (lowest rank first, all occurrences) to a list of symbols."""
+    symbols = list(symbols)
+    while len(symbols) > 1:
+        pairs = [(ranks.get(p), i, p) for i, p in enumerate(zip(symbols[:-1], symbols[1:], strict=True))]
+        ranked = [x for x in pairs if x[0] is not None]
+        if not ranked:
+            break
+        _, _, best = min(ranked)
+        merged, i = [], 0
+        while i < len(symbols):
+            if i + 1 < len(symbols) and (symbols[i], symbols[i + 1]) == best:
+                merged.append(symbols[i] + symbols[i + 1])
+                i += 2
+            else:
+                merged.append(symbols[i])
+                i += 1
+        symbols = merged
+    return symbols
+
+
 def clip_vocab_and_merges(words: Iterable[str] = ()) -> tuple[dict[str, int], list[tuple[str, str]]]:
-    """Byte-level vocabulary plus merges that make every word in ``words`` one token."""
+    """Byte-level vocabulary plus merges that make every word in ``words`` one token.
+
+    Words are added one at a time: each is first segmented with the merges made so far, then joined
+    left to right by new merges ranked after all earlier ones. A new merge can never pre-empt an
+    earlier word's own merges (those always rank lower), so every word stays one token.
+    """
     chars = byte_symbols()
     vocab: dict[str, int] = {}
     for sym in chars + [c + "</w>" for c in chars]:
         vocab.setdefault(sym, len(vocab))
-    merges: list[tuple[str, str]] = []
-    # longer words first: their merges then outrank those of their prefixes
-    for word in sorted({w.lower() for w in words if len(w) > 1}, key=lambda w: (-len(w), w)):
-        symbols = list(word[:-1]) + [word[-1] + "</w>"]
-        left = symbols[0]
-        for right in symbols[1:]:
-            if (left, right) not in merges:
-                merges.append((left, right))
+    ranks: dict[tuple[str, str], int] = {}
+    for word in sorted({w.lower() for w in words if len(w) > 1}):
+        segments = bpe_segments(list(word[:-1]) + [word[-1] + "</w>"], ranks)
+        left = segments[0]
+        for right in segments[1:]:
+            ranks.setdefault((left, right), len(ranks))
             left = left + right
             vocab.setdefault(left, len(vocab))
     for special in (BOS, EOS):
         vocab.setdefault(special, len(vocab))
+    merges = sorted(ranks, key=ranks.get)
     return vocab, merges
 
 
