@@ -35,8 +35,8 @@ class TDDModule(L.LightningModule):
     Args:
         model: where the base model lives and how the LoRA looks: ``pretrained`` (folder or hub id),
             ``revision``, ``variant``, ``base_dtype`` (fp32|bf16|fp16, the frozen weights), ``lora``
-            ({rank, alpha, target_modules}), ``gradient_checkpointing``, ``load_encoders`` (online
-            encoding of raw pixels and captions).
+            ({rank, alpha, target_modules}), ``gradient_checkpointing``, ``channels_last``, ``compile``
+            (torch.compile of the UNet), ``load_encoders`` (online encoding of raw pixels and captions).
         target_selection, guidance, loss: the strategies (Hydra groups of the same names).
         optimizer: a factory taking the student's LoRA parameters (Hydra ``_partial_``).
         lr_scheduler: a factory taking the optimizer, stepped every optimizer step (or None).
@@ -105,6 +105,8 @@ class TDDModule(L.LightningModule):
             load_text_encoders=load_encoders,
         )
         self.attach(parts.unet, parts.noise_scheduler.config)
+        if self.device_mesh is not None:  # ModelParallelStrategy (FSDP2): shard here, before the optimizer
+            self.shard(self.device_mesh["data_parallel"])
         if load_encoders:
             from tdd_lightning.models.encoder import SDXLEncoder
 
@@ -115,19 +117,37 @@ class TDDModule(L.LightningModule):
         lora = self.model_cfg.get("lora", {})
         self.unet = unet
         self.schedule = NoiseSchedule.from_config(scheduler_config)
-        self.roles = LoRARoles(
-            unet,
-            rank=int(lora.get("rank", 64)),
-            alpha=lora.get("alpha"),
-            target_modules=lora.get("target_modules") or SDXL_LORA_TARGETS,
-        )
+        with torch.random.fork_rng(devices=[]):  # LoRA init depends on the seed only, not on the code path
+            torch.manual_seed(self.seed)
+            self.roles = LoRARoles(
+                unet,
+                rank=int(lora.get("rank", 64)),
+                alpha=lora.get("alpha"),
+                target_modules=lora.get("target_modules") or SDXL_LORA_TARGETS,
+            )
         # LoRA master weights stay fp32 even when the frozen base is bf16/fp16
         for p in self.roles.student_params + self.roles.target_params:
             p.data = p.data.float()
         if self.model_cfg.get("gradient_checkpointing", False):
             unet.enable_gradient_checkpointing()
+        if self.model_cfg.get("channels_last", False):
+            unet.to(memory_format=torch.channels_last)
+        if self.model_cfg.get("compile", False):
+            unet.compile()  # in place: the roles keep switching the same (compiled) module
         if self.ema_decay > 0:
             self.roles.copy_student_to_target()
+
+    def shard(self, mesh) -> None:
+        """FSDP2: shard the base UNet per block (frozen and LoRA tensors alike); LoRA stays fp32."""
+        from torch.distributed.fsdp import fully_shard
+
+        unet = self.unet
+        blocks = [*unet.down_blocks, unet.mid_block, *unet.up_blocks]
+        for block in blocks:
+            if block is not None:
+                fully_shard(block, mesh=mesh)
+        fully_shard(unet, mesh=mesh)
+        self.roles.collect_params()  # sharding replaced the parameter objects
 
     def setup(self, stage: str) -> None:
         self.configure_model()
@@ -239,6 +259,8 @@ class TDDModule(L.LightningModule):
         """Skip the update (weights, optimizer state and EMA) when the loss or a gradient is not finite."""
         grads = [p.grad for p in self.roles.student_params if p.grad is not None]
         norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))) if grads else torch.zeros(())
+        if hasattr(norm, "full_tensor"):  # sharded gradients (FSDP2): the global norm
+            norm = norm.full_tensor()
         self.log("train/grad_norm", norm)  # before clipping
         self._skip_update = not bool(torch.isfinite(norm))  # the guard's one host sync per step
         if self._skip_update:

@@ -7,6 +7,8 @@
 peft's ``set_adapter`` / ``enable_adapters`` also rewrite ``requires_grad`` (activating the target would
 make it trainable and freeze the student). Role switches here only flip which adapter is active on
 each LoRA layer, so the trainable set never changes; the EMA is a foreach lerp over LoRA tensors only.
+With ``fused`` (default) the LoRA layers compute fp32 forwards with merged weights W + s B A, at about
+the bare UNet's cost (models/fused_lora.py); other dtypes keep peft's forward.
 """
 
 from __future__ import annotations
@@ -40,7 +42,14 @@ def lora_config(rank: int, alpha: float | None, target_modules: Sequence[str]):
 class LoRARoles:
     """Adds the student and target adapters to ``unet`` and switches between the three roles."""
 
-    def __init__(self, unet: torch.nn.Module, rank: int, alpha: float | None, target_modules: Sequence[str]):
+    def __init__(
+        self,
+        unet: torch.nn.Module,
+        rank: int,
+        alpha: float | None,
+        target_modules: Sequence[str],
+        fused: bool = True,
+    ):
         from peft.tuners.tuners_utils import BaseTunerLayer
 
         self.unet = unet
@@ -53,14 +62,19 @@ class LoRARoles:
         self.layers = [m for m in unet.modules() if isinstance(m, BaseTunerLayer)]
         if not self.layers:
             raise ValueError(f"no LoRA layer matched target_modules={list(target_modules)}")
-        self.student_params = self._adapter_params(STUDENT)
-        self.target_params = self._adapter_params(TARGET)
+        self.set_fused(fused)
+        self.collect_params()
         for p in self.student_params:
             p.requires_grad_(True)
         for p in self.target_params:
             p.requires_grad_(False)
         self.copy_student_to_target()
         self.use(STUDENT)
+
+    def collect_params(self) -> None:
+        """(Re)collect the adapters' parameters, e.g. after FSDP replaced them with sharded ones."""
+        self.student_params = self._adapter_params(STUDENT)
+        self.target_params = self._adapter_params(TARGET)
 
     def _adapter_params(self, name: str) -> list[torch.nn.Parameter]:
         key = f".{name}."
@@ -69,18 +83,27 @@ class LoRARoles:
     def named_student_params(self) -> dict[str, torch.nn.Parameter]:
         return {n: p for n, p in self.unet.named_parameters() if "lora_" in n and f".{STUDENT}." in n}
 
+    def set_fused(self, fused: bool) -> None:
+        """Merged-weight fp32 LoRA forward (True) or peft's own forward (False); same numbers to ~1e-6."""
+        from tdd_lightning.models.fused_lora import set_fused
+
+        set_fused(self.layers, fused)
+        self.fused = fused
+
     # ---- role switching -------------------------------------------------------------------------
     def use(self, role: str) -> None:
         """Make ``role`` ('teacher', 'student' or 'target') the active behaviour of the UNet."""
         if role == "teacher":
             for layer in self.layers:
                 layer._disable_adapters = True
+            self.active = role
             return
         if role not in (STUDENT, TARGET):
             raise ValueError(f"unknown role {role!r}: use 'teacher', 'student' or 'target'")
         for layer in self.layers:
             layer._disable_adapters = False
             layer._active_adapter = [role]
+        self.active = role
 
     @contextmanager
     def role(self, role: str):
