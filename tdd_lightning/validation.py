@@ -29,8 +29,8 @@ RULES: dict[str, tuple[Callable[[object], bool], str]] = {
     "data.num_workers": (lambda v: int(v) >= 0, "an integer >= 0"),
     "data.num_samples": (lambda v: int(v) >= 1, "an integer >= 1"),
     "data.resolution": (
-        lambda v: int(v) >= 8 and int(v) % 8 == 0,
-        "a multiple of 8 (the VAE's scale factor)",
+        lambda v: all(int(x) >= 8 and int(x) % 8 == 0 for x in (v if OmegaConf.is_list(v) else [v])),
+        "a multiple of 8 (the VAE's scale factor), or [height, width] of such",
     ),
     "data.samples_per_epoch": (lambda v: v is None or int(v) >= 1, "null or an integer >= 1"),
     "trainer.max_steps": (lambda v: int(v) == -1 or int(v) >= 1, "-1 (no limit) or an integer >= 1"),
