@@ -62,3 +62,6 @@ shapes: $(STAMP) ## build the toy shapes dataset (one- and two-object scenes) in
 
 bench-data: $(STAMP) ## loader samples/s from cached shards vs what toy training consumes (>= 10x)
 	$(PY) -m tdd_lightning.data.bench $(ARGS)
+
+notebooks: $(STAMP) ## execute notebooks/*.ipynb headless (nbclient); executed copies in outputs/notebooks/
+	$(PY) notebooks/execute.py --out outputs/notebooks

@@ -1,0 +1,342 @@
+"""Export the trained LoRA (student or EMA target) from a checkpoint as files other tools load.
+
+Two formats, both safetensors with the same ``tdd.*`` metadata (rank, alpha, target modules, the
+recommended scheduler and its settings, the TDD knobs the model was trained with):
+
+- diffusers: ``pytorch_lora_weights.safetensors`` for ``StableDiffusionXLPipeline.load_lora_weights``.
+  The tensors are the peft state dict as-is (keys ``unet.<module>.lora_A.weight``), which is what
+  ``get_peft_model_state_dict(unet, adapter_name=role)`` gives, and the peft LoraConfig travels in the
+  ``lora_adapter_metadata`` header key, so that loading at scale 1.0 reproduces the trained model whatever
+  ``lora_alpha`` was (docs/STACK_NOTES.md: both silent traps avoided).
+- kohya / ComfyUI: ``lora_unet_<module path, dots as underscores>.lora_down.weight`` / ``.lora_up.weight``
+  / ``.alpha`` (the scale alpha / rank is carried by ``.alpha``).
+
+The export only renames checkpoint tensors: the base model is never loaded. Every file is written to a
+temporary file in the target folder and moved into place with ``os.replace`` (never a half-written file).
+
+    python -m tdd_lightning.export CKPT --out DIR [--role student|target|both] [--format diffusers|kohya|both]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+import uuid
+import zipfile
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+ROLES = ("student", "target")
+FORMATS = ("diffusers", "kohya")
+DIFFUSERS_WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # diffusers' default LoRA file name
+KOHYA_WEIGHT_NAME = "lora_kohya.safetensors"
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+METADATA_VERSION = "1"
+# the diffusers header key that carries the peft LoraConfig (diffusers.loaders.lora_base)
+LORA_ADAPTER_METADATA_KEY = "lora_adapter_metadata"
+# "<anything>unet.<module>.lora_A.<role>.weight" in a TDDModule checkpoint's state_dict
+_CKPT_KEY = re.compile(r"^(?:.*\.)?unet\.(?P<module>.+)\.lora_(?P<ab>[AB])\.(?P<role>[^.]+)\.weight$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that is missing, unreadable or not a TDD LoRA checkpoint (one-line reason)."""
+
+
+@dataclass(frozen=True)
+class LoRASpec:
+    """The adapter's shape: what peft needs to rebuild it, and the scale alpha / rank."""
+
+    rank: int
+    alpha: float
+    target_modules: tuple[str, ...]
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+    def peft_config(self) -> dict[str, Any]:
+        """LoraConfig kwargs (the ``lora_adapter_metadata`` diffusers passes to ``LoraConfig(**...)``).
+
+        Only the fields that define the adapter's function, all valid in every peft release since 0.7,
+        rather than the whole ``to_dict()`` whose newer keys an older peft would reject.
+        """
+        return {
+            "r": self.rank,
+            "lora_alpha": self.alpha,
+            "target_modules": list(self.target_modules),
+            "lora_dropout": 0.0,
+            "bias": "none",
+            "use_rslora": False,
+            "use_dora": False,
+            "fan_in_fan_out": False,
+            "init_lora_weights": True,
+            "rank_pattern": {},
+            "alpha_pattern": {},
+        }
+
+
+# ---- reading checkpoints ---------------------------------------------------------------------------
+def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """Load a Lightning checkpoint on the CPU (tensors only, memory-mapped); clear errors if broken."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    if path.is_dir():
+        raise CheckpointError(
+            f"checkpoint {path} is a folder (a sharded checkpoint?): export needs a single .ckpt file"
+        )
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"checkpoint {path} is empty (0 bytes): the save was interrupted")
+    if not zipfile.is_zipfile(path):
+        raise CheckpointError(
+            f"checkpoint {path} is truncated or corrupt ({path.stat().st_size} bytes, not a complete "
+            "torch.save archive): the save was interrupted or the copy is incomplete"
+        )
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # torch raises RuntimeError, EOFError, UnpicklingError, ... for broken files
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        msg = f"checkpoint {path} could not be read (truncated or corrupt?): {reason}"
+        raise CheckpointError(msg) from None
+    if not isinstance(ckpt, Mapping) or "state_dict" not in ckpt:
+        raise CheckpointError(f"{path} is not a Lightning checkpoint (no 'state_dict')")
+    return dict(ckpt)
+
+
+def lora_tensors(state_dict: Mapping[str, torch.Tensor], role: str) -> dict[str, torch.Tensor]:
+    """The role's LoRA tensors renamed to the peft state dict: ``<module>.lora_A.weight`` (no prefix)."""
+    if role not in ROLES:
+        raise ValueError(f"role={role!r} is not one of {ROLES}")
+    out: dict[str, torch.Tensor] = {}
+    for key, tensor in state_dict.items():
+        m = _CKPT_KEY.match(key)
+        if m and m["role"] == role:
+            out[f"{m['module']}.lora_{m['ab']}.weight"] = tensor
+    if not out:
+        roles = sorted({m["role"] for k in state_dict if (m := _CKPT_KEY.match(k))})
+        raise CheckpointError(f"no LoRA tensors for role {role!r} in the checkpoint (roles found: {roles})")
+    modules = {k.rsplit(".lora_", 1)[0] for k in out}
+    broken = sorted(m for m in modules if f"{m}.lora_A.weight" not in out or f"{m}.lora_B.weight" not in out)
+    if broken:
+        raise CheckpointError(f"LoRA tensors of {role!r} lack lora_A or lora_B for {broken[:3]}")
+    return dict(sorted(out.items()))
+
+
+def lora_spec(ckpt: Mapping[str, Any], tensors: Mapping[str, torch.Tensor] | None = None) -> LoRASpec:
+    """Rank, alpha and target modules from the checkpoint's hyper-parameters (alpha None = rank)."""
+    from tdd_lightning.models.roles import SDXL_LORA_TARGETS
+
+    hp = ckpt.get("hyper_parameters") or {}
+    lora = dict((hp.get("model") or {}).get("lora") or (ckpt.get("tdd_lightning") or {}).get("lora") or {})
+    rank = lora.get("rank")
+    if rank is None and tensors:  # fall back to the tensors: lora_A is [r, in, ...]
+        rank = next(t.shape[0] for k, t in tensors.items() if k.endswith("lora_A.weight"))
+    if rank is None:
+        raise CheckpointError("the checkpoint records no LoRA rank (hyper_parameters.model.lora.rank)")
+    alpha = lora.get("alpha")
+    alpha = float(rank if alpha is None else alpha)
+    targets = tuple(lora.get("target_modules") or SDXL_LORA_TARGETS)
+    if tensors:
+        ranks = {t.shape[0] for k, t in tensors.items() if k.endswith("lora_A.weight")}
+        if ranks != {int(rank)}:
+            raise CheckpointError(f"LoRA tensors have rank(s) {sorted(ranks)} but the config says {rank}")
+    return LoRASpec(int(rank), alpha, targets)
+
+
+# ---- the two formats -------------------------------------------------------------------------------
+def diffusers_state_dict(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """peft state dict -> the diffusers SDXL LoRA file's keys (``unet.`` prefix, as save_lora_weights)."""
+    return {f"unet.{k}": v for k, v in tensors.items()}
+
+
+def kohya_state_dict(tensors: Mapping[str, torch.Tensor], alpha: float) -> dict[str, torch.Tensor]:
+    """peft state dict -> kohya / ComfyUI keys; ``.alpha`` per module carries the scale alpha / rank."""
+    out: dict[str, torch.Tensor] = {}
+    for key, tensor in tensors.items():
+        module, ab = key.rsplit(".lora_", 1)
+        name = "lora_unet_" + module.replace(".", "_")
+        out[f"{name}.{'lora_down' if ab.startswith('A') else 'lora_up'}.weight"] = tensor
+        out.setdefault(f"{name}.alpha", torch.tensor(float(alpha), dtype=tensor.dtype))
+    return dict(sorted(out.items()))
+
+
+# ---- metadata --------------------------------------------------------------------------------------
+def _trained_scheduler(selection: Mapping[str, Any]) -> dict[str, Any]:
+    """TDDScheduler config keys matching the training grid and the jumps it trained."""
+    N = int(selection.get("N", 250))
+    if "K" in selection:
+        k_min, k_max = (int(k) for k in selection["K"])
+    elif "phases" in selection:  # PCM trains exactly the P-step schedule
+        k_min = k_max = int(selection["phases"])
+    else:
+        k_min, k_max = min(4, N), min(8, N)
+    # the eta the model learned: TDD's s_ratio; TCD trains every earlier s; LCM / PCM none
+    s_ratio = float(selection.get("s_ratio", 1.0 if selection.get("name") == "tcd" else 0.0))
+    return {"num_teacher_steps": N, "k_min": k_min, "k_max": k_max, "trained_s_ratio": s_ratio}
+
+
+def tdd_metadata(ckpt: Mapping[str, Any], role: str, spec: LoRASpec) -> dict[str, str]:
+    """Flat ``tdd.*`` safetensors metadata (strings; structured values as JSON)."""
+    hp = ckpt.get("hyper_parameters") or {}
+    selection = dict(hp.get("target_selection") or {})
+    guidance = dict(hp.get("guidance") or {})
+    scheduler = _trained_scheduler(selection)
+    eta = min(0.2, scheduler["trained_s_ratio"])  # ALGORITHM.md 4: 0.2 recommended, within s_ratio
+    scheduler["eta"] = eta
+    # decoupled guidance (captions dropped in training) makes a normal CFG on top meaningful
+    guidance_scale = 1.7 if float(guidance.get("p_empty", 0.0)) > 0 else 1.0
+    meta = {
+        "tdd.format_version": METADATA_VERSION,
+        "tdd.role": role,
+        "tdd.lora.rank": str(spec.rank),
+        "tdd.lora.alpha": f"{spec.alpha:g}",
+        "tdd.lora.target_modules": json.dumps(list(spec.target_modules)),
+        "tdd.base_model": str((hp.get("model") or {}).get("pretrained", "")),
+        "tdd.global_step": str(ckpt.get("global_step", "")),
+        "tdd.scheduler": "TDDScheduler",
+        "tdd.scheduler_module": "tdd_lightning.scheduling_tdd",
+        "tdd.scheduler_config": json.dumps(scheduler),
+        "tdd.recommended": json.dumps(
+            {"num_inference_steps": scheduler["k_min"], "eta": eta, "guidance_scale": guidance_scale}
+        ),
+        "tdd.uncond": str(guidance.get("uncond", "zeros")),
+        "tdd.target_selection": json.dumps(selection),
+        "tdd.guidance": json.dumps(guidance),
+        "tdd.ema_decay": str(hp.get("ema_decay", "")),
+    }
+    return meta
+
+
+def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
+    """The ``tdd.*`` metadata of an exported file, JSON values decoded (keys without the ``tdd.``)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt", device="cpu") as f:
+        raw = f.metadata() or {}
+    out: dict[str, Any] = {}
+    for key, value in raw.items():
+        if not key.startswith("tdd."):
+            continue
+        try:
+            out[key[4:]] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key[4:]] = value
+    return out
+
+
+# ---- writing ---------------------------------------------------------------------------------------
+def save_safetensors_atomic(
+    tensors: Mapping[str, torch.Tensor], path: str | os.PathLike, metadata: Mapping[str, str]
+) -> Path:
+    """safetensors write to a temporary file beside ``path``, then ``os.replace`` (atomic on POSIX)."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
+    tmp = path.parent / f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
+    try:
+        save_file(data, tmp, metadata=dict(metadata))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _as_list(value: str | Iterable[str], allowed: tuple[str, ...], what: str) -> list[str]:
+    items = list(allowed) if value in ("both", "all") else [value] if isinstance(value, str) else list(value)
+    bad = [v for v in items if v not in allowed]
+    if bad or not items:
+        raise ValueError(f"{what}={value!r}: choose from {allowed} or 'both'")
+    return items
+
+
+def export_lora(
+    checkpoint: str | os.PathLike | Mapping[str, Any],
+    out_dir: str | os.PathLike,
+    roles: str | Iterable[str] = "both",
+    formats: str | Iterable[str] = "both",
+    dtype: str | None = None,
+) -> dict[tuple[str, str], Path]:
+    """Write ``<out_dir>/<role>/pytorch_lora_weights.safetensors`` and/or ``.../lora_kohya.safetensors``.
+
+    ``checkpoint`` is a path or an already loaded checkpoint dict (the callback passes the one it just
+    saved). ``dtype`` (fp32|fp16|bf16) casts the tensors; None keeps them (fp32: exact reproduction).
+    Returns {(role, format): path}.
+    """
+    roles, formats = _as_list(roles, ROLES, "role"), _as_list(formats, FORMATS, "format")
+    if dtype is not None and dtype not in DTYPES:
+        raise ValueError(f"dtype={dtype!r}: choose from {tuple(DTYPES)}")
+    ckpt = load_checkpoint(checkpoint) if isinstance(checkpoint, (str, os.PathLike)) else checkpoint
+    state_dict = ckpt["state_dict"]
+    written: dict[tuple[str, str], Path] = {}
+    for role in roles:
+        tensors = lora_tensors(state_dict, role)
+        if dtype is not None:
+            tensors = {k: v.to(DTYPES[dtype]) for k, v in tensors.items()}
+        spec = lora_spec(ckpt, tensors)
+        meta = tdd_metadata(ckpt, role, spec)
+        folder = Path(out_dir) / role
+        if "diffusers" in formats:
+            header = {"format": "pt", LORA_ADAPTER_METADATA_KEY: _diffusers_adapter_metadata(spec), **meta}
+            written[role, "diffusers"] = save_safetensors_atomic(
+                diffusers_state_dict(tensors), folder / DIFFUSERS_WEIGHT_NAME, header
+            )
+        if "kohya" in formats:
+            header = {"format": "pt", **_kohya_metadata(spec), **meta}
+            written[role, "kohya"] = save_safetensors_atomic(
+                kohya_state_dict(tensors, spec.alpha), folder / KOHYA_WEIGHT_NAME, header
+            )
+    return written
+
+
+def _diffusers_adapter_metadata(spec: LoRASpec) -> str:
+    """The value diffusers' save_lora_weights writes: the config with a ``unet.`` prefix per key."""
+    return json.dumps({f"unet.{k}": v for k, v in spec.peft_config().items()}, indent=2, sort_keys=True)
+
+
+def _kohya_metadata(spec: LoRASpec) -> dict[str, str]:
+    """The sd-scripts / modelspec keys UIs read to recognise an SDXL LoRA."""
+    return {
+        "ss_network_module": "networks.lora",
+        "ss_network_dim": str(spec.rank),
+        "ss_network_alpha": f"{spec.alpha:g}",
+        "ss_base_model_version": "sdxl_base_v1-0",
+        "modelspec.sai_model_spec": "1.0.0",
+        "modelspec.architecture": "stable-diffusion-xl-v1-base/lora",
+        "modelspec.title": "TDD few-step LoRA",
+    }
+
+
+# ---- command line ----------------------------------------------------------------------------------
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="python -m tdd_lightning.export",
+        description="Export the LoRA of a TDD checkpoint in diffusers and/or kohya (ComfyUI) format.",
+    )
+    p.add_argument("checkpoint", help="a Lightning .ckpt written by train.py")
+    p.add_argument("--out", required=True, help="output folder (gets <role>/ subfolders)")
+    p.add_argument("--role", default="both", choices=[*ROLES, "both"], help="student, EMA target, or both")
+    p.add_argument("--format", default="both", choices=[*FORMATS, "both"], help="file format(s)")
+    p.add_argument("--dtype", default=None, choices=list(DTYPES), help="cast tensors (default: as trained)")
+    a = p.parse_args(argv)
+    try:
+        written = export_lora(a.checkpoint, a.out, roles=a.role, formats=a.format, dtype=a.dtype)
+    except (CheckpointError, ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    for (role, fmt), path in written.items():
+        print(f"{role:7s} {fmt:9s} {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,187 @@
+"""A stock diffusers ``StableDiffusionXLPipeline`` with an exported TDD LoRA and the TDDScheduler.
+
+Nothing here is a custom pipeline: the base model loads with ``from_pretrained`` (hub id or folder), the
+LoRA with ``load_lora_weights``, and the scheduler is ``TDDScheduler.from_config(pipe.scheduler.config)``
+with the trained grid read from the LoRA file's metadata. What any diffusers user can do by hand::
+
+    pipe = load_tdd_pipeline("stabilityai/stable-diffusion-xl-base-1.0", "out/student")
+    image = pipe("a cat", **recommended_call_kwargs(lora_metadata("out/student"))).images[0]
+"""
+
+from __future__ import annotations
+
+import inspect
+import itertools
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tdd_lightning.export import DIFFUSERS_WEIGHT_NAME, KOHYA_WEIGHT_NAME, read_metadata
+
+DEFAULT_ADAPTER = "tdd"
+# keys of the LoRA's ``tdd.scheduler_config`` that are TDDScheduler config keys
+SCHEDULER_KEYS = ("num_teacher_steps", "k_min", "k_max", "trained_s_ratio", "eta")
+
+
+def resolve_lora_file(lora: str | os.PathLike) -> Path:
+    """An exported LoRA file, or a folder holding ``pytorch_lora_weights.safetensors`` (or the kohya file).
+
+    A folder written by ``python -m tdd_lightning.export`` has ``student/`` and ``target/`` inside:
+    passing it resolves to the student.
+    """
+    path = Path(os.path.expanduser(str(lora)))
+    if path.is_file():
+        return path
+    if path.is_dir():
+        for candidate in (path / DIFFUSERS_WEIGHT_NAME, path / "student" / DIFFUSERS_WEIGHT_NAME):
+            if candidate.is_file():
+                return candidate
+        for candidate in (path / KOHYA_WEIGHT_NAME, path / "student" / KOHYA_WEIGHT_NAME):
+            if candidate.is_file():
+                return candidate
+        raise FileNotFoundError(f"LoRA folder {path} holds no {DIFFUSERS_WEIGHT_NAME}")
+    raise FileNotFoundError(f"LoRA {path} does not exist (give an exported .safetensors file or its folder)")
+
+
+def lora_metadata(lora: str | os.PathLike | None) -> dict[str, Any]:
+    """The ``tdd.*`` metadata of a LoRA file (empty for None or a file without it)."""
+    return read_metadata(resolve_lora_file(lora)) if lora is not None else {}
+
+
+def tdd_scheduler(scheduler_config: Any, metadata: dict[str, Any] | None = None, **overrides):
+    """``TDDScheduler.from_config`` of the pipeline's noise schedule plus the trained grid from the LoRA."""
+    from tdd_lightning.scheduling_tdd import TDDScheduler  # imports diffusers (~4 s): not for error paths
+
+    # keep the noise-schedule keys TDDScheduler knows; drop the other scheduler's own keys and the values
+    # it only holds as its defaults (``_use_default_values``: e.g. DDPMScheduler's clip_sample=True)
+    known = inspect.signature(TDDScheduler.__init__).parameters
+    defaults = set(dict(scheduler_config).get("_use_default_values", ()))
+    config = {k: v for k, v in dict(scheduler_config).items() if k in known and k not in defaults}
+    trained = (metadata or {}).get("scheduler_config") or {}
+    config.update({k: trained[k] for k in SCHEDULER_KEYS if k in trained})
+    config.update(overrides)
+    return TDDScheduler.from_config(config)
+
+
+def add_tdd_lora(
+    pipe, lora: str | os.PathLike, scale: float = 1.0, adapter_name: str = DEFAULT_ADAPTER
+) -> dict[str, Any]:
+    """Load an exported LoRA into ``pipe`` at ``scale``; switch to TDDScheduler and the trained unconditional
+    convention (``empty_prompt``: the encoded "" as the negative, instead of zeros). Returns the metadata."""
+    path = resolve_lora_file(lora)
+    metadata = read_metadata(path)
+    pipe.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name=adapter_name)
+    if scale != 1.0:
+        pipe.set_adapters([adapter_name], adapter_weights=[scale])
+    pipe.scheduler = tdd_scheduler(pipe.scheduler.config, metadata)
+    if metadata.get("uncond") == "empty_prompt" and hasattr(pipe, "register_to_config"):
+        pipe.register_to_config(force_zeros_for_empty_prompt=False)
+    return metadata
+
+
+def load_tdd_pipeline(
+    base: str | os.PathLike,
+    lora: str | os.PathLike | None = None,
+    *,
+    lora_scale: float = 1.0,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype = torch.float32,
+    revision: str | None = None,
+    variant: str | None = None,
+    fuse: bool = False,
+):
+    """SDXL base (hub id or folder, via ``load_sdxl_components``) + LoRA + TDDScheduler.
+
+    ``lora=None`` gives the base model with the TDDScheduler (for comparisons). ``fuse=True`` merges the
+    LoRA into the weights (faster; equal up to float rounding).
+    """
+    from tdd_lightning.models import load_sdxl_components
+
+    parts = load_sdxl_components(base, revision=revision, variant=variant, dtype=dtype)
+    pipe = parts.to_pipeline(scheduler=tdd_scheduler(parts.noise_scheduler.config))
+    if lora is not None:
+        add_tdd_lora(pipe, lora, scale=lora_scale)
+        if fuse:
+            pipe.fuse_lora(lora_scale=1.0)
+            pipe.unload_lora_weights()
+    if device is not None:
+        pipe.to(device)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def recommended_call_kwargs(metadata: dict[str, Any]) -> dict[str, Any]:
+    """``num_inference_steps``, ``eta`` and ``guidance_scale`` recommended by the LoRA's metadata."""
+    rec = metadata.get("recommended") or {}
+    return {
+        "num_inference_steps": int(rec.get("num_inference_steps", 4)),
+        "eta": float(rec.get("eta", 0.2)),
+        "guidance_scale": float(rec.get("guidance_scale", 1.0)),
+    }
+
+
+# ---- sampling grids --------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Setting:
+    """One column of a sampling grid."""
+
+    steps: int
+    eta: float
+    guidance_scale: float
+
+    def title(self, varying: Sequence[str] = ("steps", "eta", "guidance_scale")) -> str:
+        parts = {
+            "steps": f"{self.steps} steps",
+            "eta": f"eta {self.eta:g}",
+            "guidance_scale": f"g {self.guidance_scale:g}",
+        }
+        return ", ".join(parts[k] for k in varying) or parts["steps"]
+
+    def slug(self) -> str:
+        return f"k{self.steps}_eta{self.eta:g}_g{self.guidance_scale:g}"
+
+
+def settings_grid(steps: Any, eta: Any, guidance_scale: Any) -> tuple[list[Setting], list[str]]:
+    """The product of the (scalar or list) values, steps slowest; and which of the three vary."""
+    values = {k: v if isinstance(v, (list, tuple)) else [v] for k, v in
+              {"steps": steps, "eta": eta, "guidance_scale": guidance_scale}.items()}  # fmt: skip
+    grid = [
+        Setting(int(k), float(e), float(g))
+        for k, e, g in itertools.product(values["steps"], values["eta"], values["guidance_scale"])
+    ]
+    varying = [k for k, v in values.items() if len(v) > 1] or ["steps", "eta", "guidance_scale"]
+    return grid, varying
+
+
+@torch.no_grad()
+def generate(
+    pipe,
+    prompt: str,
+    setting: Setting,
+    *,
+    seed: int = 0,
+    batch: int = 1,
+    negative_prompt: str | None = None,
+    height: int | None = None,
+    width: int | None = None,
+) -> torch.Tensor:
+    """``batch`` images of one prompt as [batch, 3, H, W] in [0, 1]; image b starts from seed + b's noise
+    (CPU generators, so a seed gives the same images on any device)."""
+    generators = [torch.Generator("cpu").manual_seed(seed + b) for b in range(batch)]
+    out = pipe(
+        prompt=prompt,
+        negative_prompt=negative_prompt,
+        num_inference_steps=setting.steps,
+        eta=setting.eta,
+        guidance_scale=setting.guidance_scale,
+        num_images_per_prompt=batch,
+        generator=generators,
+        height=height,
+        width=width,
+        output_type="pt",
+    )
+    return out.images.float().cpu()
