@@ -11,6 +11,7 @@ STAMP       := $(VENV)/.install.stamp
 export HF_HUB_OFFLINE ?= 1
 export WANDB_MODE ?= offline
 export TOKENIZERS_PARALLELISM ?= false
+export OMP_WAIT_POLICY ?= PASSIVE
 
 .DEFAULT_GOAL := help
 .PHONY: help install train test test-slow lint format tiny-model shapes notebooks sweep clean

@@ -50,7 +50,6 @@ def test_gpu_strategies_instantiate(tmp_path, tiny_overrides):
         ("target_selection.s_ratio=1.2", "target_selection.s_ratio"),
         ("guidance.p_empty=-0.1", "guidance.p_empty"),
         ("target_selection.k_min=9", "target_selection.k_min"),
-        ("module.ema_decay=1.5", "module.ema_decay"),
     ],
 )
 def test_bad_values_fail_at_startup_naming_the_key(override, key, tmp_path, tiny_overrides):
