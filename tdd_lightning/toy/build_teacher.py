@@ -1,0 +1,160 @@
+"""Build the toy teacher pipeline: train the autoencoder, then the UNet, and save a diffusers folder.
+
+    python -m tdd_lightning.toy.build_teacher --data data/shapes/two --out models/toy-teacher --seed 0
+
+Stages (CPU, 2 threads): 1. the VAE as an autoencoder on the train images; 2. encode all train
+images (latent modes x scaling factor) and the unique captions (tiny frozen random CLIP encoders,
+word-level tokenizer); 3. the UNet as an eps-prediction model with caption dropout to zeros. The
+folder (fp16 safetensors) loads with ``tdd_lightning.models.load_sdxl_components``; ``build_info.json``
+records the command, configs, timings and losses.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from tdd_lightning.data.shapes import SHAPES_VOCAB
+from tdd_lightning.toy.data import load_split
+from tdd_lightning.toy.teacher import TeacherConfig, train_teacher
+from tdd_lightning.toy.vae import VAEConfig, build_vae, encode_modes, psnr, train_vae
+
+IMAGE_SIZE = 32
+
+
+def build_text(seed: int):
+    """Word-level tokenizer and two frozen random CLIP text encoders (TinySDXLConfig defaults)."""
+    from tdd_lightning.models.tiny import TinySDXLConfig, _text_encoder
+    from tdd_lightning.models.tokenizer import EOS, make_clip_tokenizer
+
+    cfg = TinySDXLConfig(words=SHAPES_VOCAB, seed=seed)
+    tokenizer = make_clip_tokenizer(cfg.words)
+    eos_id, vocab = tokenizer.convert_tokens_to_ids(EOS), len(tokenizer)
+    torch.manual_seed(seed)
+    te1 = _text_encoder(cfg, cfg.text_hidden_size[0], vocab, eos_id, projection=False)
+    te2 = _text_encoder(cfg, cfg.text_hidden_size[1], vocab, eos_id, projection=True)
+    return tokenizer, te1.eval().requires_grad_(False), te2.eval().requires_grad_(False)
+
+
+def build_unet(cfg: TeacherConfig, seed: int):
+    from tdd_lightning.models.tiny import TinySDXLConfig, _unet
+
+    torch.manual_seed(seed)
+    n = len(cfg.block_out_channels)
+    tiny = TinySDXLConfig(
+        sample_size=IMAGE_SIZE // 4,
+        block_out_channels=cfg.block_out_channels,
+        attention_head_dim=cfg.attention_head_dim,
+        transformer_layers_per_block=(1,) * n,
+    )
+    return _unet(tiny)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
+
+    from tdd_lightning.diffusion import NoiseSchedule
+    from tdd_lightning.models.encoder import SDXLEncoder
+    from tdd_lightning.models.tiny import SDXL_SCHEDULER
+
+    vd, td = VAEConfig(), TeacherConfig()
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--data", default="data/shapes/two", help="shapes folder (make shapes)")
+    p.add_argument("--out", default="models/toy-teacher", help="pipeline folder to write")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--vae-steps", type=int, default=vd.steps)
+    p.add_argument("--vae-batch", type=int, default=vd.batch_size)
+    p.add_argument("--vae-channels", type=int, nargs="+", default=list(vd.block_out_channels))
+    p.add_argument("--unet-steps", type=int, default=td.steps)
+    p.add_argument("--unet-batch", type=int, default=td.batch_size)
+    p.add_argument("--unet-lr", type=float, default=td.lr)
+    p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    a = p.parse_args(argv)
+    torch.set_num_threads(a.threads)
+    out = Path(a.out)
+    info: dict = {
+        "command": "python -m tdd_lightning.toy.build_teacher "
+        + " ".join(sys.argv[1:] if argv is None else argv)
+    }
+
+    start = time.time()
+    pixels, attributes = load_split(a.data, "train")
+    heldout, _ = load_split(a.data, "heldout", limit=500)
+    print(f"loaded {len(pixels)} train images ({time.time() - start:.0f} s)", flush=True)
+
+    # 1. autoencoder
+    vcfg = VAEConfig(
+        steps=a.vae_steps, batch_size=a.vae_batch, block_out_channels=tuple(a.vae_channels), seed=a.seed
+    )
+    torch.manual_seed(a.seed)
+    vae = build_vae(vcfg)
+    t0 = time.time()
+    vstats = train_vae(vae, pixels, vcfg)
+    modes = encode_modes(vae, pixels)
+    scaling = 1.0 / modes.std().item()
+    vae.register_to_config(scaling_factor=scaling)
+    info["vae"] = (
+        asdict(vcfg)
+        | vstats
+        | {
+            "seconds": round(time.time() - t0),
+            "psnr_heldout": round(psnr(vae, heldout), 2),
+            "scaling_factor": scaling,
+            "params": sum(q.numel() for q in vae.parameters()),
+        }
+    )
+    print(f"vae: {info['vae']}", flush=True)
+
+    # 2. encode: latents and unique captions
+    tokenizer, te1, te2 = build_text(a.seed)
+    encoder = SDXLEncoder(vae, te1, te2, tokenizer, tokenizer)
+    captions = sorted({x["caption"] for x in attributes})
+    lookup = {c: i for i, c in enumerate(captions)}
+    caption_index = torch.tensor([lookup[x["caption"]] for x in attributes])
+    embeds, pooled = zip(
+        *(encoder.encode_text(captions[i : i + 512]) for i in range(0, len(captions), 512)), strict=True
+    )
+    prompt_embeds, pooled = torch.cat(embeds), torch.cat(pooled)
+    latents = modes * scaling
+    time_ids = torch.tensor([[IMAGE_SIZE, IMAGE_SIZE, 0, 0, IMAGE_SIZE, IMAGE_SIZE]], dtype=torch.float32)
+
+    # 3. UNet
+    tcfg = TeacherConfig(steps=a.unet_steps, batch_size=a.unet_batch, lr=a.unet_lr, seed=a.seed)
+    unet = build_unet(tcfg, a.seed)
+    schedule = NoiseSchedule.from_config(SDXL_SCHEDULER)
+    t0 = time.time()
+    ema, loss = train_teacher(unet, latents, caption_index, prompt_embeds, pooled, time_ids, schedule, tcfg)
+    info["unet"] = asdict(tcfg) | {
+        "seconds": round(time.time() - t0),
+        "final_loss_avg": loss,
+        "params": sum(q.numel() for q in ema.parameters()),
+        "unique_captions": len(captions),
+    }
+    print(f"unet: {info['unet']}", flush=True)
+
+    pipe = StableDiffusionXLPipeline(
+        vae=vae,
+        text_encoder=te1,
+        text_encoder_2=te2,
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer,
+        unet=ema,
+        scheduler=EulerDiscreteScheduler(**SDXL_SCHEDULER),
+    )
+    pipe.to(torch.float16)
+    pipe.save_pretrained(out)
+    info["total_seconds"] = round(time.time() - start)
+    info["size_mib"] = round(sum(f.stat().st_size for f in out.rglob("*") if f.is_file()) / 2**20, 2)
+    (out / "build_info.json").write_text(json.dumps(info, indent=1, default=str))
+    print(f"wrote {out} ({info['size_mib']} MiB, {info['total_seconds']} s)", flush=True)
+    return info
+
+
+if __name__ == "__main__":
+    main()
