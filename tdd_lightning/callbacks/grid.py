@@ -1,8 +1,9 @@
 """Sample grids during training: fixed prompts and seeds, a few step counts, from rank 0.
 
 Rows are prompts, columns are step counts. The text encoders encode the fixed prompts once at the
-start of fit and are then dropped; the VAE stays for decoding. Grids go to ``<out>/samples/`` as PNG and
-to wandb when it is a logger.
+start of fit and are then dropped; the VAE stays for decoding. Under sharded strategies (FSDP) every
+rank samples (each forward needs all ranks) and rank 0 writes the grid. Grids go to
+``<out>/samples/`` as PNG and to wandb when it is a logger.
 """
 
 from __future__ import annotations
@@ -33,8 +34,17 @@ class SampleGrid(L.Callback):
         self.cond = None
         self.vae = None
 
+    @staticmethod
+    def sharded(trainer) -> bool:
+        """Under FSDP every rank must join each forward: all ranks sample, rank 0 saves."""
+        return type(trainer.strategy).__name__ in (
+            "FSDPStrategy",
+            "ModelParallelStrategy",
+            "DeepSpeedStrategy",
+        )
+
     def on_fit_start(self, trainer, pl_module):
-        if not trainer.is_global_zero or not self.prompts:
+        if not self.prompts or not (trainer.is_global_zero or self.sharded(trainer)):
             return
         from tdd_lightning.models import load_sdxl_components
 
@@ -62,7 +72,7 @@ class SampleGrid(L.Callback):
             self.render(trainer, pl_module)
 
     @torch.no_grad()
-    def render(self, trainer, pl_module) -> Path:
+    def render(self, trainer, pl_module) -> Path | None:
         device = pl_module.device
         cond = {k: v.to(device) for k, v in self.cond.items()}
         vae = self.vae.to(device)
@@ -79,6 +89,8 @@ class SampleGrid(L.Callback):
             )
             images = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor).sample
             columns.append((images.float().clamp(-1, 1) + 1) / 2)
+        if not trainer.is_global_zero:
+            return None
         grid = label_grid(columns, [f"{k} steps" for k in self.steps], self.prompts)
         out = Path(self.out_dir or trainer.default_root_dir) / "samples"
         out.mkdir(parents=True, exist_ok=True)
