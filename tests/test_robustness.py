@@ -227,3 +227,40 @@ def test_submitit_local_executor_runs_a_toy_job(tiny_sdxl_dir, tmp_path):
     )  # fmt: skip
     assert r.returncode == 0, r.stderr[-3000:]
     assert list(sweep.glob("*/metrics.json")), list(sweep.rglob("*"))[:20]
+
+
+class DtypeProbe(L.Callback):
+    """Records the dtypes of the frozen base and the LoRA tensors during training."""
+
+    seen: dict = {}
+
+    def on_train_batch_end(self, trainer, pl_module, *args):
+        frozen = {p.dtype for n, p in pl_module.unet.named_parameters() if "lora_" not in n}
+        lora = {p.dtype for p in pl_module.roles.student_params + pl_module.roles.target_params}
+        DtypeProbe.seen = {"frozen": frozen, "lora": lora}
+
+
+@pytest.mark.parametrize(
+    "overrides, frozen_dtype",
+    [
+        (["model.base_dtype=bf16", "trainer.precision=bf16-mixed"], torch.bfloat16),
+        (["model.gradient_checkpointing=true"], torch.float32),
+    ],
+    ids=["bf16", "gradient_checkpointing"],
+)
+def test_bf16_base_and_gradient_checkpointing_train(overrides, frozen_dtype, tiny_sdxl_dir, tmp_path):
+    """bf16: frozen base weights in bf16, LoRA master weights and optimizer state in fp32."""
+    os.environ["TDD_ROOT"] = str(tmp_path)
+    cfg = compose_cfg(
+        ["experiment=toy_tdd", f"model.pretrained={tiny_sdxl_dir}", "callbacks.sample_grid.prompts=[]",
+         "trainer.max_steps=3", "data.batch_size=4",
+         "+callbacks.probe._target_=tests.test_robustness.DtypeProbe", *overrides],
+        tmp_path / "out",
+    )  # fmt: skip
+    metrics = train(cfg)
+    assert metrics["global_step"] == 3 and metrics["train/loss"] == metrics["train/loss"]  # finite, not NaN
+    assert DtypeProbe.seen == {"frozen": {frozen_dtype}, "lora": {torch.float32}}
+    ckpt = torch.load(tmp_path / "out" / "checkpoints" / "last.ckpt", weights_only=False)
+    assert all(v.dtype == torch.float32 for v in ckpt["state_dict"].values())
+    state = ckpt["optimizer_states"][0]["state"]
+    assert state and all(s["exp_avg"].dtype == torch.float32 for s in state.values())
