@@ -66,3 +66,7 @@ bench-data: $(STAMP) ## loader samples/s from cached shards vs what toy training
 
 notebooks: $(STAMP) ## execute notebooks/*.ipynb headless (nbclient); executed copies in outputs/notebooks/
 	$(PY) notebooks/execute.py --out outputs/notebooks
+
+.PHONY: bench
+bench: $(STAMP) ## training-step benchmark: phases, compute floor, naive baseline (tiny model, CPU, < 3 min)
+	$(PY) -m tdd_lightning.bench $(ARGS)

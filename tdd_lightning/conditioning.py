@@ -61,7 +61,10 @@ def teacher_cfg_eps(
     Batch order: conditional first, then the unconditional of the samples not in ``same``, in order.
     """
     B = x_t.shape[0]
-    need = torch.arange(B, device=x_t.device) if same is None else (~same).nonzero().squeeze(1)
+    if same is None:
+        need = torch.arange(B, device=x_t.device)
+    else:  # a data-dependent size: free for a host mask, one device sync for a mask on the GPU
+        need = (~same).nonzero().squeeze(1).to(x_t.device, non_blocking=True)
     both = concat(cond, select(uncond, need))
     eps = unet_eps(unet, torch.cat([x_t, x_t[need]]), torch.cat([t, t[need]]), both)
     eps_c = eps[:B]

@@ -1,0 +1,150 @@
+"""Everything the benchmark runs, built the way train.py builds it: the real configs, module and trainer.
+
+The module comes from ``conf/train.yaml`` composed with ``model=<name>`` through ``run.build_module`` (so
+the strategies, optimizer and lr scheduler are the configured ones); the trainer from the ``trainer``
+group (cpu or gpu), minus checkpoints, progress bar and callbacks; the data are cached-format synthetic
+batches (SyntheticLatents through the project's ResumableLoader).
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+CONF = Path(__file__).resolve().parents[2] / "conf"
+
+
+@dataclass
+class BenchConfig:
+    model: str = "tiny"  # tiny | sdxl_arch (conf/model/<name>.yaml)
+    device: str = "cpu"
+    precision: str = "fp32"  # fp32 | bf16 (bf16: bf16 base weights + bf16 autocast, fp32 LoRA)
+    batch: int = 8
+    sample_size: int = 32  # latent side (tiny default 4x32x32 = 256 px; sdxl_arch 128 = 1024 px)
+    channels: tuple[int, ...] = (32, 64)  # tiny UNet block_out_channels
+    rank: int = 8
+    threads: int = 2
+    clock: str = "wall"  # wall | cpu (main-thread CPU time: robust to other load; needs threads=1)
+    warmup: int = 3
+    steps: int = 12
+    naive_steps: int = 6  # 0: no naive mode
+    budget_s: float = 150.0  # stop measuring early (>= 3 steps, >= 2 naive steps) past this (0: never)
+    lora: str = "fused"  # fused (merged-weight fp32 forward) | peft
+    ema_decay: float = 0.95
+    gradient_checkpointing: bool | None = None  # None: the model config's
+    attention: str = "sdpa"  # sdpa | eager (diffusers AttnProcessor)
+    compile: bool = False
+    pretrained: str | None = None  # a tiny-style diffusers folder instead of building one
+    sync_debug: bool = False  # CUDA: list the host syncs of one step
+    peak_tflops: float | None = None
+    seed: int = 0
+    overrides: list[str] = field(default_factory=list)  # extra Hydra overrides
+
+
+def compose(cfg: BenchConfig, pretrained: str, out_dir: Path):
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from tdd_lightning import resolvers
+
+    resolvers.register()
+    cuda = cfg.device.startswith("cuda")
+    overrides = [
+        f"model={cfg.model}",
+        f"model.pretrained={pretrained}",
+        "model.build_if_missing=false",
+        f"model.base_dtype={'bf16' if cfg.precision == 'bf16' else 'fp32'}",
+        f"model.lora.rank={cfg.rank}",
+        f"module.ema_decay={cfg.ema_decay}",
+        f"trainer={'gpu' if cuda else 'cpu'}",
+        f"trainer.precision={'bf16-mixed' if cfg.precision == 'bf16' else '32-true'}",
+        f"paths.output_dir={out_dir}",
+        f"seed={cfg.seed}",
+        "logger=csv",
+        "callbacks=none",
+        *cfg.overrides,
+    ]
+    if cfg.gradient_checkpointing is not None:
+        overrides.append(f"model.gradient_checkpointing={str(cfg.gradient_checkpointing).lower()}")
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return hydra_compose("train", overrides=overrides)
+
+
+def tiny_pipeline(cfg: BenchConfig, out_dir: Path) -> Path:
+    """The given folder, or a tiny SDXL-shaped pipeline (with VAE and text encoders) built for the run."""
+    if cfg.pretrained:
+        return Path(cfg.pretrained)
+    from tdd_lightning.models.tiny import TinySDXLConfig, build_tiny_sdxl
+
+    n = len(cfg.channels)
+    heads = (2, 4) if tuple(cfg.channels) == (32, 64) else tuple(max(1, c // 16) for c in cfg.channels)
+    tiny = TinySDXLConfig(
+        sample_size=cfg.sample_size,
+        block_out_channels=tuple(cfg.channels),
+        attention_head_dim=heads,
+        transformer_layers_per_block=(1,) * n,
+        seed=cfg.seed,
+    )
+    return build_tiny_sdxl(out_dir / "tiny-sdxl", tiny)
+
+
+@dataclass
+class Built:
+    module: object  # TDDModule with the UNet attached
+    trainer_cfg: object  # the composed trainer node
+    loader: object  # ResumableLoader of cached-format batches
+    bare: torch.nn.Module | None  # the UNet without LoRA layers (None: use the teacher role)
+    unet_config: dict
+    text: tuple[int, int]
+    pretrained: Path | None  # folder with VAE + text encoders (naive mode), if any
+
+
+def build(cfg: BenchConfig, out_dir: Path) -> Built:
+    from tdd_lightning.data.resumable import ResumableLoader
+    from tdd_lightning.data.synthetic import SyntheticLatents
+    from tdd_lightning.models.tiny import SDXL_SCHEDULER
+    from tdd_lightning.run import build_module
+
+    device = torch.device(cfg.device)
+    dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
+    if cfg.model == "sdxl_arch":
+        from tdd_lightning.models.sdxl_arch import sdxl_unet, text_dims
+
+        pretrained = None
+        composed = compose(cfg, str(out_dir / "sdxl-arch"), out_dir)
+        unet = sdxl_unet(cfg.sample_size, device=device, dtype=dtype, seed=cfg.seed)
+        scheduler_config, text = SDXL_SCHEDULER, text_dims()
+        bare = None  # a second 2.6 B-parameter copy is not worth its memory: the teacher role stands in
+    else:
+        from tdd_lightning.data.synthetic import text_dims
+        from tdd_lightning.models import load_sdxl_components
+
+        pretrained = tiny_pipeline(cfg, out_dir)
+        composed = compose(cfg, str(pretrained), out_dir)
+        parts = load_sdxl_components(pretrained, dtype=dtype, load_vae=False, load_text_encoders=False)
+        unet, scheduler_config, text = parts.unet, parts.noise_scheduler.config, text_dims(pretrained)
+        bare = copy.deepcopy(unet).to(device)
+    if cfg.attention == "eager":
+        from diffusers.models.attention_processor import AttnProcessor
+
+        unet.set_attn_processor(AttnProcessor())
+        if bare is not None:
+            bare.set_attn_processor(AttnProcessor())
+    module = build_module(composed)
+    module.attach(unet, scheduler_config)
+    module.roles.set_fused(cfg.lora == "fused")
+    if cfg.compile:  # the forward only: the timing hooks stay outside the compiled region
+        unet.forward = torch.compile(unet.forward)
+        if bare is not None:
+            bare.forward = torch.compile(bare.forward)
+    size = unet.config.sample_size
+    data = SyntheticLatents(
+        max(4 * cfg.batch, 16), (unet.config.in_channels, size, size), *text, seed=cfg.seed
+    )
+    loader = ResumableLoader(data, cfg.batch, seed=cfg.seed, pin_memory=device.type == "cuda")
+    return Built(module, composed.trainer, loader, bare, dict(unet.config), text, pretrained)

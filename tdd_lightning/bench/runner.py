@@ -1,0 +1,269 @@
+"""One benchmark run: the real training step under Lightning (phases), the floor, the naive mode, FLOPs.
+
+Order: fit ``warmup + steps`` steps with the phase profiler; after each measured step (outside its
+timed window) one set of standalone floor passes, so that step times and floor times interleave and
+see the same machine load; then the naive mode on the same UNet; then FLOPs on the meta device.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import statistics
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+from tdd_lightning.bench.build import BenchConfig, build
+from tdd_lightning.bench.floor import FLOOR, FloorPasses
+from tdd_lightning.bench.timing import (
+    CLOCKS,
+    PhaseTimer,
+    StepProfiler,
+    TimedLoader,
+    cuda_sync,
+    instrument,
+    time_call,
+)
+
+PHASES = (
+    "data",
+    "teacher fwd",
+    "target fwd",
+    "student fwd",
+    "student bwd",
+    "step maths",
+    "optimizer",
+    "ema",
+    "logging",
+    "other",
+)
+
+
+def median(xs) -> float:
+    return statistics.median(xs) if xs else float("nan")
+
+
+def rss_peak_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def run_bench(cfg: BenchConfig, out_dir: Path | None = None) -> dict:
+    if cfg.clock == "cpu" and (cfg.threads != 1 or cfg.device != "cpu"):
+        raise ValueError("--clock cpu measures the main thread: use it with --threads 1 on the CPU")
+    torch.set_num_threads(cfg.threads)
+    with tempfile.TemporaryDirectory(prefix="tdd-bench-") as tmp:
+        return _run(cfg, Path(out_dir or tmp))
+
+
+def _sync_debug_step(loader, trainer, module) -> list[str]:
+    """CUDA only: the host syncs of one training step, as 'file:line function' of our code (one step)."""
+    found: list[str] = []
+    show = warnings.showwarning
+
+    def record(message, category, filename, lineno, file=None, line=None):
+        import traceback
+
+        ours = [
+            f
+            for f in traceback.extract_stack()
+            if "tdd_lightning" in f.filename and "bench" not in f.filename
+        ]
+        where = f"{Path(ours[-1].filename).name}:{ours[-1].lineno} {ours[-1].name}" if ours else "(library)"
+        found.append(f"{where}: {str(message).splitlines()[0][:80]}")
+
+    warnings.showwarning = record
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("always")
+            warnings.showwarning = record
+            batch = next(iter(loader))
+            batch = {
+                k: v.to(module.device, non_blocking=True) if torch.is_tensor(v) else v
+                for k, v in batch.items()
+            }
+            torch.cuda.synchronize()  # the harness's own copy and sync are not the step's: dropped
+            found.clear()
+            with trainer.precision_plugin.forward_context():
+                module.distillation_loss(batch, module.step_generator(module.device))["loss"].backward()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+        warnings.showwarning = show
+    for p in module.roles.student_params:
+        p.grad = None
+    return found
+
+
+def _run(cfg: BenchConfig, out_dir: Path) -> dict:
+    import lightning as L
+    from hydra.utils import instantiate
+    from lightning.pytorch.loggers import CSVLogger
+
+    t_start = time.perf_counter()
+    device = torch.device(cfg.device)
+    built = build(cfg, out_dir)
+    module = built.module
+    sync = cuda_sync(device)
+    clock = CLOCKS[cfg.clock]
+    timer = PhaseTimer(sync, clock)
+    floor = FloorPasses(module, built.bare, sync, clock, seed=cfg.seed)
+    handles = instrument(module, timer)
+
+    naive, naive_times = None, []
+
+    def on_arm(trainer) -> None:  # before the first measured step: inputs, and the naive mode's warm-up
+        nonlocal naive
+        batch = next(iter(built.loader))
+        floor.capture({k: v.to(module.device) if torch.is_tensor(v) else v for k, v in batch.items()})
+        if cfg.naive_steps > 0 and built.pretrained is not None:
+            naive = make_naive(cfg, module, built.pretrained, device)
+            run_naive(naive, trainer)
+
+    def between(trainer) -> None:  # after each measured step: the floor passes, then a naive step
+        floor.run(module.bench_teacher_batches[-1], trainer.precision_plugin.forward_context())
+        if naive is not None and len(naive_times) < cfg.naive_steps:
+            naive_times.append(run_naive(naive, trainer, sync, clock))
+
+    budget = cfg.budget_s or float("inf")
+    profiler = StepProfiler(timer, cfg.warmup, between, deadline=t_start + 0.8 * budget, on_arm=on_arm)
+    trainer: L.Trainer = instantiate(
+        built.trainer_cfg,
+        max_steps=cfg.warmup + cfg.steps,
+        logger=CSVLogger(str(out_dir), name="bench"),
+        callbacks=[profiler],
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=str(out_dir),
+    )
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*(eval mode|num_workers|does not have many workers).*")
+        trainer.fit(module, train_dataloaders=TimedLoader(built.loader, timer))
+    timer.armed = False
+    for h in handles:
+        h.remove()
+    cuda_peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+    syncs = None
+    if cfg.sync_debug and device.type == "cuda":
+        syncs = _sync_debug_step(built.loader, trainer, module)
+
+    stats = aggregate(profiler.records, floor.times, module.bench_teacher_batches)
+    step, B = stats["step_s"], cfg.batch
+    naive_stats = None
+    if naive_times:
+        paired = [n / s for n, s in zip(naive_times, stats["step_times_s"], strict=False)]
+        ours = stats["step_times_s"][: len(naive_times)]
+        naive_stats = {"step_s": median(naive_times), "steps": len(naive_times), "ratio": median(paired)}
+        naive_stats["ours_same_steps_s"] = median(ours)
+        naive_stats["samples_per_s"] = B / naive_stats["step_s"]
+
+    flops = None
+    try:
+        from tdd_lightning.bench.flops import peak_tflops, step_flops
+
+        tb = stats["teacher_batch_mean"] or 2 * B
+        lora_cfg = module.model_cfg.get("lora", {})
+        from tdd_lightning.models.roles import SDXL_LORA_TARGETS
+
+        targets = lora_cfg.get("target_modules") or SDXL_LORA_TARGETS
+        per_pass = step_flops(built.unet_config, lora_cfg | {"rank": cfg.rank}, targets, B, tb, built.text)
+        total = sum(per_pass.values())
+        peak = cfg.peak_tflops or peak_tflops(device, cfg.precision)
+        flops = {
+            "per_pass": per_pass,
+            "step": total,
+            "achieved_tflops": total / step / 1e12,
+            "peak_tflops": peak,
+            "mfu": total / step / (peak * 1e12) if peak else None,
+        }
+    except Exception as e:  # FLOP counting is informative only: never fail the benchmark over it
+        flops = {"error": f"{type(e).__name__}: {e}"}
+
+    result = {
+        "config": {k: v for k, v in vars(cfg).items() if k != "overrides"},
+        "machine": machine(device, cfg.threads),
+        "unet_params": sum(p.numel() for n, p in module.unet.named_parameters() if "lora_" not in n),
+        "lora_params": sum(p.numel() for p in module.roles.student_params),
+        **stats,
+        "samples_per_s": B / step,
+        "bare": "a separate UNet without LoRA"
+        if built.bare is not None
+        else "the teacher role (adapters off)",
+        "naive": naive_stats,
+        "naive_ratio": naive_stats["ratio"] if naive_stats else None,
+        "flops": flops,
+        "peak_rss_mib": rss_peak_mib(),
+        "cuda_peak_gib": cuda_peak,
+        "host_syncs": syncs,
+        "wall_s": time.perf_counter() - t_start,
+    }
+    return result
+
+
+def aggregate(records: list[dict], floor_times: dict[str, list[float]], teacher_batches: list[int]) -> dict:
+    """Step and floor statistics. Each measured step i is paired with the floor passes timed right after
+    it at the same teacher batch: the ratios are medians of these pairs, which a changing machine load
+    hardly moves. The phase table averages the steps no slower than 1.5x the median step (steps slowed
+    down by other processes are counted, not averaged in), so the phases still sum to its step time."""
+    steps = [r["step"] for r in records]
+    step = median(steps)
+    typical = [r for r in records if r["step"] <= 1.5 * step]
+    n = len(records)
+    floor_i = [sum(floor_times[k][i] for k in FLOOR) for i in range(n)]
+    bare = floor_times["bare fwd"]
+    return {
+        "steps": n,
+        "step_times_s": steps,
+        "floor_totals_s": floor_i,
+        "step_s": step,
+        "steps_excluded": n - len(typical),
+        "step_mean_s": statistics.fmean(r["step"] for r in typical),
+        "phases_mean_s": {k: statistics.fmean(r.get(k, 0.0) for r in typical) for k in PHASES},
+        "teacher_batch_mean": statistics.fmean(teacher_batches) if teacher_batches else None,
+        "floor_s": {k: median(v) for k, v in floor_times.items()},
+        "floor_total_s": median(floor_i),
+        "overhead_ratio": median([s / f for s, f in zip(steps, floor_i, strict=True)]),
+        "lora_vs_bare": {
+            role: median([a / b for a, b in zip(floor_times[f"{role} fwd"], bare, strict=True)])
+            for role in ("student", "target")
+        },
+    }
+
+
+def make_naive(cfg: BenchConfig, module, pretrained: Path, device):
+    from tdd_lightning.bench.naive import NaiveTrainer
+    from tdd_lightning.models.encoder import SDXLEncoder
+
+    encoder = SDXLEncoder.from_pretrained(pretrained).to(device)
+    return NaiveTrainer(module, encoder, cfg.batch, device, seed=cfg.seed)
+
+
+def run_naive(naive, trainer, sync=lambda: None, clock=time.perf_counter) -> float:
+    """One naive step (in the trainer's precision context), timed; the module's state restored after."""
+    naive.enter()
+    try:
+        return time_call(lambda: naive.step(trainer.precision_plugin.forward_context()), sync, clock)
+    finally:
+        naive.exit()
+
+
+def machine(device: torch.device, threads: int) -> str:
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}"
+    cpu = "cpu"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    omp = os.environ.get("OMP_WAIT_POLICY", "unset")
+    cores = f"{os.cpu_count()} cores, {threads} threads (OMP_WAIT_POLICY={omp})"
+    return f"{cpu}, {cores}, torch {torch.__version__}"
