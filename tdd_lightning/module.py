@@ -25,6 +25,15 @@ from tdd_lightning.strategies import DistillationLoss, Guidance, TargetSelection
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+def to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Host -> device without waiting (pinned when the target is a GPU)."""
+    if x.device == torch.device(device):
+        return x
+    return (
+        x.pin_memory().to(device, non_blocking=True) if torch.device(device).type == "cuda" else x.to(device)
+    )
+
+
 class NonFiniteError(RuntimeError):
     """Too many non-finite steps in a row; the message names the checkpoint of the last good state."""
 
@@ -124,6 +133,7 @@ class TDDModule(L.LightningModule):
                 rank=int(lora.get("rank", 64)),
                 alpha=lora.get("alpha"),
                 target_modules=lora.get("target_modules") or SDXL_LORA_TARGETS,
+                fused=bool(lora.get("fused", True)),
             )
         # LoRA master weights stay fp32 even when the frozen base is bf16/fp16
         for p in self.roles.student_params + self.roles.target_params:
@@ -172,23 +182,31 @@ class TDDModule(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # ---- the training step (ALGORITHM.md section 2) -------------------------------------------------
-    def step_generator(self, device: torch.device) -> torch.Generator:
-        """Each step's randomness is a pure function of (seed, global step): resume is exact.
+    def step_generators(self, device: torch.device) -> tuple[torch.Generator, torch.Generator]:
+        """(host, device) generators for this step: a pure function of (seed, global step).
 
-        Draws are made for the global batch and each rank takes its slice (``world_slice``), so N
-        processes with batch B compute what one process with batch N*B would.
+        Resume is exact, and draws are made for the global batch and sliced per rank (``world_slice``),
+        so N processes with batch B compute what one process with batch N*B would. The small draws
+        (dropout mask, w, t, s) come from the host generator, so no step ever waits on the GPU for them;
+        the noise comes from the device generator.
         """
-        key = f"{self.seed}/{self.global_step}".encode()
-        g = torch.Generator(device=device)
-        g.manual_seed(int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little") >> 1)
-        return g
+        seeds = []
+        for role in ("host", "device"):
+            key = f"{self.seed}/{self.global_step}/{role}".encode()
+            seeds.append(int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little") >> 1)
+        host = torch.Generator().manual_seed(seeds[0])
+        on_device = torch.Generator(device=device).manual_seed(seeds[1])
+        return host, on_device
 
     def world_slice(self, batch_size: int) -> tuple[int, slice]:
         """(global batch size, this rank's slice of it)."""
         world, rank = (self.trainer.world_size, self.global_rank) if self._trainer is not None else (1, 0)
         return batch_size * world, slice(rank * batch_size, (rank + 1) * batch_size)
 
-    def distillation_loss(self, batch: dict, generator: torch.Generator) -> dict[str, torch.Tensor]:
+    def distillation_loss(
+        self, batch: dict, generators: tuple[torch.Generator, torch.Generator] | torch.Generator
+    ) -> dict[str, torch.Tensor]:
+        """One TDD step's loss for ``batch``; ``generators`` = (host, device), or one for both on the CPU."""
         roles, schedule, ts = self.roles, self.schedule, self.target_selection
 
         # 1. latents x0 and condition c (encoded on the fly only for raw batches)
@@ -200,20 +218,23 @@ class TDDModule(L.LightningModule):
         B_global, mine = self.world_slice(x0.shape[0])
         u = unconditional_like(c, self.uncond_text)
 
+        host, on_device = (generators, generators) if isinstance(generators, torch.Generator) else generators
+
         # 2. guidance dropout: dropped samples use u for the student, the teacher and the target
-        draw = self.guidance.draw(B_global, generator, device)
-        drop, w = draw.drop[mine], draw.w[mine]
+        draw = self.guidance.draw(B_global, host)
+        drop_host = draw.drop[mine]
+        drop, w = to_device(drop_host, device), to_device(draw.w[mine], device)
         c = replace_where(drop, c, u)
 
         # 3. start time t on the teacher grid, teacher end time t', noisy latent x_t
-        t_global, t_prev_global = ts.sample_times(B_global, generator, device)
-        t, t_prev = t_global[mine], t_prev_global[mine]
-        eps = torch.randn((B_global, *x0.shape[1:]), generator=generator, device=device, dtype=x0.dtype)[mine]
+        t_global, t_prev_global = ts.sample_times(B_global, host)
+        t, t_prev = to_device(t_global[mine], device), to_device(t_prev_global[mine], device)
+        eps = torch.randn((B_global, *x0.shape[1:]), generator=on_device, device=device, dtype=x0.dtype)[mine]
         a_t, sigma_t = schedule.a_sigma(t, x0)
         x_t = add_noise(x0, eps, a_t, sigma_t)
 
         # 4. target timestep s
-        s = ts.select(t_prev_global, generator)[mine]
+        s = to_device(ts.select(t_prev_global, host)[mine], device)
 
         # 5. student (LoRA on, with gradients): jump t -> s
         with roles.role(STUDENT) as unet:
@@ -223,7 +244,7 @@ class TDDModule(L.LightningModule):
             # 6. teacher (adapters off): one DDIM step t -> t' with CFG, cond and uncond batched
             with roles.role("teacher") as unet:
                 if self.guidance.uses_cfg:
-                    eps_c, eps_u = teacher_cfg_eps(unet, x_t, t, c, u, same=drop)
+                    eps_c, eps_u = teacher_cfg_eps(unet, x_t, t, c, u, same=drop_host)
                     eps_teacher = cfg_combine(eps_c.float(), eps_u.float(), w.view(-1, 1, 1, 1))
                 else:
                     eps_teacher = unet_eps(unet, x_t, t, c).float()
@@ -239,7 +260,7 @@ class TDDModule(L.LightningModule):
         return {"loss": loss, "t": t, "s": s, "w": w, "dropped": drop}
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        out = self.distillation_loss(batch, self.step_generator(self.device))
+        out = self.distillation_loss(batch, self.step_generators(self.device))
         B = out["t"].shape[0]
         self.last_times = {"t": out["t"].detach(), "s": out["s"].detach()}
         self.log("train/loss", out["loss"], prog_bar=True, batch_size=B)

@@ -51,10 +51,14 @@ def prepare_model(model_cfg: DictConfig) -> None:
     """Fail fast on a model that cannot be found; build the tiny pipeline if asked to."""
     path = Path(str(model_cfg.pretrained))
     if model_cfg.get("build_if_missing") and not (path / "unet").is_dir():
-        from tdd_lightning.models.tiny import build_tiny_sdxl
+        if not model_cfg.get("builder"):
+            raise UserError(
+                "model.build_if_missing=true needs model.builder (a function that writes the folder)"
+            )
+        from tdd_lightning.distributed import import_class
 
-        log.info("building the tiny SDXL-shaped pipeline into %s", path)
-        build_tiny_sdxl(path)
+        log.info("building %s into %s", model_cfg.builder, path)
+        import_class(model_cfg.builder)(path)
     try:
         resolve_model_path(str(model_cfg.pretrained), model_cfg.get("revision"))
     except ModelNotFoundError as e:

@@ -89,7 +89,7 @@ def _sync_debug_step(loader, trainer, module) -> list[str]:
             torch.cuda.synchronize()  # the harness's own copy and sync are not the step's: dropped
             found.clear()
             with trainer.precision_plugin.forward_context():
-                module.distillation_loss(batch, module.step_generator(module.device))["loss"].backward()
+                module.distillation_loss(batch, module.step_generators(module.device))["loss"].backward()
     finally:
         torch.cuda.set_sync_debug_mode(0)
         warnings.showwarning = show
