@@ -74,6 +74,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--unet-steps", type=int, default=td.steps)
     p.add_argument("--unet-batch", type=int, default=td.batch_size)
     p.add_argument("--unet-lr", type=float, default=td.lr)
+    p.add_argument("--vae", help="reuse this trained VAE folder (diffusers AutoencoderKL) instead of stage 1")
+    p.add_argument("--only-vae", action="store_true", help="stop after stage 1 (artifacts/<out name>-vae)")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
@@ -92,24 +94,36 @@ def main(argv: list[str] | None = None) -> dict:
     vcfg = VAEConfig(
         steps=a.vae_steps, batch_size=a.vae_batch, block_out_channels=tuple(a.vae_channels), seed=a.seed
     )
-    torch.manual_seed(a.seed)
-    vae = build_vae(vcfg)
     t0 = time.time()
-    vstats = train_vae(vae, pixels, vcfg)
+    if a.vae:
+        from diffusers import AutoencoderKL
+
+        vae = AutoencoderKL.from_pretrained(a.vae, torch_dtype=torch.float32).eval()
+        stage1 = Path(a.vae) / "build_info.json"
+        vstats = json.loads(stage1.read_text())["vae"] if stage1.exists() else {}
+        vstats |= {"reused": a.vae}
+    else:
+        torch.manual_seed(a.seed)
+        vae = build_vae(vcfg)
+        vstats = train_vae(vae, pixels, vcfg)
+        vae.save_pretrained(Path("artifacts") / f"{out.name}-vae")  # stage 1, reusable with --vae
     modes = encode_modes(vae, pixels)
     scaling = 1.0 / modes.std().item()
     vae.register_to_config(scaling_factor=scaling)
     info["vae"] = (
-        asdict(vcfg)
+        ({} if a.vae else asdict(vcfg))
         | vstats
         | {
-            "seconds": round(time.time() - t0),
+            "seconds": vstats.get("seconds", round(time.time() - t0)),
             "psnr_heldout": round(psnr(vae, heldout), 2),
             "scaling_factor": scaling,
             "params": sum(q.numel() for q in vae.parameters()),
         }
     )
     print(f"vae: {info['vae']}", flush=True)
+    if a.only_vae:
+        (Path("artifacts") / f"{out.name}-vae" / "build_info.json").write_text(json.dumps(info, indent=1))
+        return info
 
     # 2. encode: latents and unique captions
     tokenizer, te1, te2 = build_text(a.seed)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from tdd_lightning.toy.data import HEADS, labels_tensor, load_split
+from tdd_lightning.toy.data import HEADS, labels_tensor, load_split, to_uint8, to_unit
 
 
 def mean_std(values: list[float]) -> str:
@@ -68,6 +68,11 @@ def main(argv: list[str] | None = None) -> dict:
     _, real_feats = classify(evaluator, pixels[a.n : 2 * a.n])
     real_preds, real_own = classify(evaluator, pixels[: a.n])
     rows = {"real images": [score(real_preds, real_own, labels, real_feats) | {"agree": float("nan")}]}
+    with torch.no_grad():  # the autoencoder's ceiling: real images encoded and decoded
+        z = comp.vae.encode(to_unit(pixels[: a.n])).latent_dist.mode()
+        recon = to_uint8(comp.vae.decode(z).sample)
+    rec_preds, rec_feats = classify(evaluator, recon)
+    rows["VAE reconstructions"] = [score(rec_preds, rec_feats, labels, real_feats) | {"agree": float("nan")}]
     cond = encode_prompts(comp, [x["caption"] for x in prompts])
     steps = sorted(set(a.steps) | {a.ref_steps}, reverse=True)
     grid_cols: dict[str, torch.Tensor] = {}

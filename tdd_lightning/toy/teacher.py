@@ -23,7 +23,7 @@ from tdd_lightning.toy.vae import cosine_lr
 class TeacherConfig:
     block_out_channels: tuple[int, ...] = (64, 96, 128)
     attention_head_dim: tuple[int, ...] = (4, 6, 8)  # heads per level (diffusers' naming)
-    steps: int = 700  # optimiser steps
+    steps: int = 2000  # optimiser steps
     batch_size: int = 128
     lr: float = 6.0e-4  # AdamW, cosine decay to 0 after warmup
     warmup: int = 50
