@@ -75,6 +75,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--unet-batch", type=int, default=td.batch_size)
     p.add_argument("--unet-lr", type=float, default=td.lr)
     p.add_argument("--vae", help="reuse this trained VAE folder (diffusers AutoencoderKL) instead of stage 1")
+    p.add_argument("--init-unet", help="continue training the UNet of this pipeline folder (a later stage)")
     p.add_argument("--only-vae", action="store_true", help="stop after stage 1 (artifacts/<out name>-vae)")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     a = p.parse_args(argv)
@@ -126,7 +127,13 @@ def main(argv: list[str] | None = None) -> dict:
         return info
 
     # 2. encode: latents and unique captions
-    tokenizer, te1, te2 = build_text(a.seed)
+    if a.init_unet:  # keep the text encoders the UNet was trained with
+        from tdd_lightning.models import load_sdxl_components
+
+        c = load_sdxl_components(a.init_unet, load_vae=False)
+        tokenizer, te1, te2 = c.tokenizer, c.text_encoder, c.text_encoder_2
+    else:
+        tokenizer, te1, te2 = build_text(a.seed)
     encoder = SDXLEncoder(vae, te1, te2, tokenizer, tokenizer)
     captions = sorted({x["caption"] for x in attributes})
     lookup = {c: i for i, c in enumerate(captions)}
@@ -141,6 +148,11 @@ def main(argv: list[str] | None = None) -> dict:
     # 3. UNet
     tcfg = TeacherConfig(steps=a.unet_steps, batch_size=a.unet_batch, lr=a.unet_lr, seed=a.seed)
     unet = build_unet(tcfg, a.seed)
+    if a.init_unet:
+        from diffusers import UNet2DConditionModel
+
+        unet = UNet2DConditionModel.from_pretrained(a.init_unet, subfolder="unet", torch_dtype=torch.float32)
+        info["init_unet"] = json.loads((Path(a.init_unet) / "build_info.json").read_text())
     schedule = NoiseSchedule.from_config(SDXL_SCHEDULER)
     t0 = time.time()
     ema, loss = train_teacher(unet, latents, caption_index, prompt_embeds, pooled, time_ids, schedule, tcfg)
