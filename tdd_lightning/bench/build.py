@@ -81,15 +81,7 @@ def tiny_pipeline(cfg: BenchConfig, out_dir: Path) -> Path:
         return Path(cfg.pretrained)
     from tdd_lightning.models.tiny import TinySDXLConfig, build_tiny_sdxl
 
-    n = len(cfg.channels)
-    heads = (2, 4) if tuple(cfg.channels) == (32, 64) else tuple(max(1, c // 16) for c in cfg.channels)
-    tiny = TinySDXLConfig(
-        sample_size=cfg.sample_size,
-        block_out_channels=tuple(cfg.channels),
-        attention_head_dim=heads,
-        transformer_layers_per_block=(1,) * n,
-        seed=cfg.seed,
-    )
+    tiny = TinySDXLConfig.from_channels(cfg.channels, sample_size=cfg.sample_size, seed=cfg.seed)
     return build_tiny_sdxl(out_dir / "tiny-sdxl", tiny)
 
 

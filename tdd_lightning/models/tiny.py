@@ -42,6 +42,19 @@ class TinySDXLConfig:
     words: list[str] = field(default_factory=list)  # extra single-token words for the tokenizer
     seed: int = 0
 
+    @classmethod
+    def from_channels(cls, channels, sample_size: int = 8, seed: int = 0, **kwargs) -> TinySDXLConfig:
+        """UNet block widths ``channels``, 16 channels per attention head, one transformer layer each."""
+        channels = tuple(channels)
+        return cls(
+            sample_size=sample_size,
+            block_out_channels=channels,
+            attention_head_dim=tuple(max(1, c // 16) for c in channels),
+            transformer_layers_per_block=(1,) * len(channels),
+            seed=seed,
+            **kwargs,
+        )
+
 
 def _unet(cfg: TinySDXLConfig):
     from diffusers import UNet2DConditionModel
@@ -104,13 +117,18 @@ def _text_encoder(cfg: TinySDXLConfig, hidden: int, vocab_size: int, eos_id: int
 
 def build_tiny_sdxl(out_dir: str | Path, cfg: TinySDXLConfig | None = None) -> Path:
     """Build the tiny pipeline with random weights (seeded) and ``save_pretrained`` it to ``out_dir``."""
+    cfg = cfg or TinySDXLConfig()
+    out_dir = Path(out_dir)
+    with torch.random.fork_rng(devices=[]):  # seeded weights without touching the caller's RNG
+        torch.manual_seed(cfg.seed)
+        return _build_and_save(out_dir, cfg)
+
+
+def _build_and_save(out_dir: Path, cfg: TinySDXLConfig) -> Path:
     from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
 
     from tdd_lightning.models.tokenizer import EOS, make_clip_tokenizer
 
-    cfg = cfg or TinySDXLConfig()
-    out_dir = Path(out_dir)
-    torch.manual_seed(cfg.seed)
     tokenizer = make_clip_tokenizer(cfg.words)
     eos_id = tokenizer.convert_tokens_to_ids(EOS)
     vocab = len(tokenizer)
@@ -134,15 +152,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--channels", type=int, nargs="+", default=[32, 64], help="UNet block_out_channels")
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
-    n = len(a.channels)
-    heads = tuple(max(1, c // 16) for c in a.channels)
-    cfg = TinySDXLConfig(
-        sample_size=a.sample_size,
-        block_out_channels=tuple(a.channels),
-        attention_head_dim=heads,
-        transformer_layers_per_block=(1,) * n,
-        seed=a.seed,
-    )
+    cfg = TinySDXLConfig.from_channels(a.channels, sample_size=a.sample_size, seed=a.seed)
     path = build_tiny_sdxl(a.out_dir, cfg)
     size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / 2**20
     print(f"wrote tiny SDXL-shaped pipeline to {path} ({size:.1f} MiB)")
