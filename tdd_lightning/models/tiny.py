@@ -56,7 +56,7 @@ class TinySDXLConfig:
         )
 
 
-def _unet(cfg: TinySDXLConfig):
+def unet_from_config(cfg: TinySDXLConfig):
     from diffusers import UNet2DConditionModel
 
     n = len(cfg.block_out_channels)
@@ -79,7 +79,7 @@ def _unet(cfg: TinySDXLConfig):
     )
 
 
-def _vae(cfg: TinySDXLConfig):
+def vae_from_config(cfg: TinySDXLConfig):
     from diffusers import AutoencoderKL
 
     n = len(cfg.vae_block_out_channels)
@@ -96,7 +96,9 @@ def _vae(cfg: TinySDXLConfig):
     )
 
 
-def _text_encoder(cfg: TinySDXLConfig, hidden: int, vocab_size: int, eos_id: int, projection: bool):
+def text_encoder_from_config(
+    cfg: TinySDXLConfig, hidden: int, vocab_size: int, eos_id: int, projection: bool
+):
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     config = CLIPTextConfig(
@@ -133,12 +135,12 @@ def _build_and_save(out_dir: Path, cfg: TinySDXLConfig) -> Path:
     eos_id = tokenizer.convert_tokens_to_ids(EOS)
     vocab = len(tokenizer)
     pipe = StableDiffusionXLPipeline(
-        vae=_vae(cfg),
-        text_encoder=_text_encoder(cfg, cfg.text_hidden_size[0], vocab, eos_id, projection=False),
-        text_encoder_2=_text_encoder(cfg, cfg.text_hidden_size[1], vocab, eos_id, projection=True),
+        vae=vae_from_config(cfg),
+        text_encoder=text_encoder_from_config(cfg, cfg.text_hidden_size[0], vocab, eos_id, projection=False),
+        text_encoder_2=text_encoder_from_config(cfg, cfg.text_hidden_size[1], vocab, eos_id, projection=True),
         tokenizer=tokenizer,
         tokenizer_2=tokenizer,
-        unet=_unet(cfg),
+        unet=unet_from_config(cfg),
         scheduler=EulerDiscreteScheduler(**SDXL_SCHEDULER),
     )
     pipe.save_pretrained(out_dir)

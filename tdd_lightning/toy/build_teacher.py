@@ -30,20 +30,20 @@ IMAGE_SIZE = 32
 
 def build_text(seed: int):
     """Word-level tokenizer and two frozen random CLIP text encoders (TinySDXLConfig defaults)."""
-    from tdd_lightning.models.tiny import TinySDXLConfig, _text_encoder
+    from tdd_lightning.models.tiny import TinySDXLConfig, text_encoder_from_config
     from tdd_lightning.models.tokenizer import EOS, make_clip_tokenizer
 
     cfg = TinySDXLConfig(words=SHAPES_VOCAB, seed=seed)
     tokenizer = make_clip_tokenizer(cfg.words)
     eos_id, vocab = tokenizer.convert_tokens_to_ids(EOS), len(tokenizer)
     torch.manual_seed(seed)
-    te1 = _text_encoder(cfg, cfg.text_hidden_size[0], vocab, eos_id, projection=False)
-    te2 = _text_encoder(cfg, cfg.text_hidden_size[1], vocab, eos_id, projection=True)
+    te1 = text_encoder_from_config(cfg, cfg.text_hidden_size[0], vocab, eos_id, projection=False)
+    te2 = text_encoder_from_config(cfg, cfg.text_hidden_size[1], vocab, eos_id, projection=True)
     return tokenizer, te1.eval().requires_grad_(False), te2.eval().requires_grad_(False)
 
 
 def build_unet(cfg: TeacherConfig, seed: int):
-    from tdd_lightning.models.tiny import TinySDXLConfig, _unet
+    from tdd_lightning.models.tiny import TinySDXLConfig, unet_from_config
 
     torch.manual_seed(seed)
     n = len(cfg.block_out_channels)
@@ -53,7 +53,7 @@ def build_unet(cfg: TeacherConfig, seed: int):
         attention_head_dim=cfg.attention_head_dim,
         transformer_layers_per_block=(1,) * n,
     )
-    return _unet(tiny)
+    return unet_from_config(tiny)
 
 
 def main(argv: list[str] | None = None) -> dict:
