@@ -74,7 +74,7 @@ def loader_rate(shards: str, batch_size: int, num_workers: int, epochs: int = 1)
 
 def train_step_rate(batch: dict, steps: int = 5, channels: tuple[int, ...] = (32, 64)) -> tuple[float, float]:
     """Samples/s of a distillation-step proxy at the batch's shapes; also the median step time (s)."""
-    from tdd_lightning.models.tiny import TinySDXLConfig, _unet
+    from tdd_lightning.models.tiny import TinySDXLConfig, unet_from_config
 
     x, c = batch["latents"], batch["prompt_embeds"]
     pooled, time_ids = batch["pooled_prompt_embeds"], batch["time_ids"]
@@ -88,7 +88,7 @@ def train_step_rate(batch: dict, steps: int = 5, channels: tuple[int, ...] = (32
         text_hidden_size=(c.shape[-1] - d2, d2),
         projection_dim=d2,
     )
-    unet = _unet(cfg)
+    unet = unet_from_config(cfg)
     cond = {"encoder_hidden_states": c, "added_cond_kwargs": {"text_embeds": pooled, "time_ids": time_ids}}
     t = torch.randint(0, 1000, (x.shape[0],))
 
