@@ -7,6 +7,8 @@ a kill -9 during a save leaves the previous checkpoint intact.
 from __future__ import annotations
 
 import os
+import zipfile
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -14,20 +16,18 @@ import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 
-def atomic_write(path: str | os.PathLike, write) -> Path:
-    """Call ``write(file_object)`` on a temporary file beside ``path``, fsync, then rename onto ``path``."""
+def atomic_write(path: str | os.PathLike, write: Callable[[Path], object]) -> Path:
+    """Call ``write(tmp_path)`` for a temporary file beside ``path``, fsync it, then rename onto ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
+        write(tmp)
+        with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
-        if tmp.exists():
-            tmp.unlink()
+        tmp.unlink(missing_ok=True)
     return path
 
 
@@ -35,7 +35,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     """Lightning's torch checkpoint IO with write-then-rename saves."""
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
-        atomic_write(path, lambda f: torch.save(checkpoint, f))
+        atomic_write(path, lambda tmp: torch.save(checkpoint, tmp))
 
 
 def checkpoint_path(trainer, name: str = "last.ckpt") -> Path:
@@ -50,22 +50,41 @@ def checkpoint_path(trainer, name: str = "last.ckpt") -> Path:
 
 
 class CheckpointError(RuntimeError):
-    pass
+    """A checkpoint that is missing, unreadable or not a Lightning checkpoint (one-line reason)."""
 
 
-def check_checkpoint(path: str | os.PathLike) -> dict:
-    """Load a checkpoint on the CPU or raise CheckpointError with a one-line reason."""
+def load_checkpoint(path: str | os.PathLike, weights_only: bool = True) -> dict[str, Any]:
+    """Load a Lightning checkpoint on the CPU (memory-mapped) or raise CheckpointError."""
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise CheckpointError(f"checkpoint {path} does not exist")
+    if path.is_dir():
+        raise CheckpointError(
+            f"checkpoint {path} is a folder (a sharded checkpoint?): give a single .ckpt file"
+        )
+    size = path.stat().st_size
+    if size == 0:
+        raise CheckpointError(f"checkpoint {path} is empty (0 bytes): the save was interrupted")
+    if not zipfile.is_zipfile(path):
+        raise CheckpointError(
+            f"checkpoint {path} cannot be read (truncated or corrupt? {size} bytes, not a complete "
+            "torch.save archive)"
+        )
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:  # truncated zip, wrong format, ...
+        ckpt = torch.load(path, map_location="cpu", weights_only=weights_only, mmap=True)
+    except Exception as e:  # RuntimeError, EOFError, UnpicklingError, ... for broken files
+        reason = str(e).strip().splitlines()[0][:120] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"checkpoint {path} cannot be read (truncated or corrupt? {reason})") from None
+    if not isinstance(ckpt, Mapping) or "state_dict" not in ckpt:
+        raise CheckpointError(f"checkpoint {path} is not a Lightning checkpoint (no 'state_dict')")
+    return dict(ckpt)
+
+
+def check_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """A checkpoint to resume from: readable, with a state_dict and a global_step."""
+    ckpt = load_checkpoint(path, weights_only=False)
+    if "global_step" not in ckpt:
         raise CheckpointError(
-            f"checkpoint {path} cannot be read (truncated or corrupt? {type(e).__name__}: {str(e)[:120]})"
-        ) from None
-    if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "global_step" not in ckpt:
-        raise CheckpointError(
-            f"{path} is not a Lightning checkpoint of this project (no state_dict/global_step)"
+            f"checkpoint {path} has no global_step: not a training checkpoint of this project"
         )
     return ckpt

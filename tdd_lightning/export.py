@@ -24,14 +24,14 @@ import json
 import os
 import re
 import sys
-import uuid
-import zipfile
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from tdd_lightning.checkpoint_io import CheckpointError, atomic_write, load_checkpoint
 
 ROLES = ("student", "target")
 FORMATS = ("diffusers", "kohya")
@@ -43,10 +43,6 @@ METADATA_VERSION = "1"
 LORA_ADAPTER_METADATA_KEY = "lora_adapter_metadata"
 # "<anything>unet.<module>.lora_A.<role>.weight" in a TDDModule checkpoint's state_dict
 _CKPT_KEY = re.compile(r"^(?:.*\.)?unet\.(?P<module>.+)\.lora_(?P<ab>[AB])\.(?P<role>[^.]+)\.weight$")
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that is missing, unreadable or not a TDD LoRA checkpoint (one-line reason)."""
 
 
 @dataclass(frozen=True)
@@ -83,33 +79,6 @@ class LoRASpec:
 
 
 # ---- reading checkpoints ---------------------------------------------------------------------------
-def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
-    """Load a Lightning checkpoint on the CPU (tensors only, memory-mapped); clear errors if broken."""
-    path = Path(path)
-    if not path.exists():
-        raise CheckpointError(f"checkpoint {path} does not exist")
-    if path.is_dir():
-        raise CheckpointError(
-            f"checkpoint {path} is a folder (a sharded checkpoint?): export needs a single .ckpt file"
-        )
-    if path.stat().st_size == 0:
-        raise CheckpointError(f"checkpoint {path} is empty (0 bytes): the save was interrupted")
-    if not zipfile.is_zipfile(path):
-        raise CheckpointError(
-            f"checkpoint {path} is truncated or corrupt ({path.stat().st_size} bytes, not a complete "
-            "torch.save archive): the save was interrupted or the copy is incomplete"
-        )
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as e:  # torch raises RuntimeError, EOFError, UnpicklingError, ... for broken files
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        msg = f"checkpoint {path} could not be read (truncated or corrupt?): {reason}"
-        raise CheckpointError(msg) from None
-    if not isinstance(ckpt, Mapping) or "state_dict" not in ckpt:
-        raise CheckpointError(f"{path} is not a Lightning checkpoint (no 'state_dict')")
-    return dict(ckpt)
-
-
 def lora_tensors(state_dict: Mapping[str, torch.Tensor], role: str) -> dict[str, torch.Tensor]:
     """The role's LoRA tensors renamed to the peft state dict: ``<module>.lora_A.weight`` (no prefix)."""
     if role not in ROLES:
@@ -235,20 +204,11 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
 def save_safetensors_atomic(
     tensors: Mapping[str, torch.Tensor], path: str | os.PathLike, metadata: Mapping[str, str]
 ) -> Path:
-    """safetensors write to a temporary file beside ``path``, then ``os.replace`` (atomic on POSIX)."""
+    """safetensors write to a temporary file beside ``path``, then rename (checkpoint_io.atomic_write)."""
     from safetensors.torch import save_file
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     data = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
-    tmp = path.parent / f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
-    try:
-        save_file(data, tmp, metadata=dict(metadata))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write(path, lambda tmp: save_file(data, str(tmp), metadata=dict(metadata)))
 
 
 def _as_list(value: str | Iterable[str], allowed: tuple[str, ...], what: str) -> list[str]:

@@ -117,8 +117,8 @@ def test_atomic_write_keeps_the_old_file_on_failure(tmp_path):
     AtomicCheckpointIO().save_checkpoint({"a": torch.ones(3)}, target)
     assert torch.load(target)["a"].sum() == 3
 
-    def broken(f):
-        f.write(b"partial")
+    def broken(tmp):
+        tmp.write_bytes(b"partial")
         raise KeyboardInterrupt  # killed mid-write
 
     with pytest.raises(KeyboardInterrupt):
