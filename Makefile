@@ -14,7 +14,7 @@ export TOKENIZERS_PARALLELISM ?= false
 export OMP_WAIT_POLICY ?= PASSIVE
 
 .DEFAULT_GOAL := help
-.PHONY: help install train test test-slow lint format tiny-model shapes notebooks sweep clean
+.PHONY: help install train toy-data bench-toy test test-slow lint format tiny-model shapes notebooks sweep clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
@@ -29,8 +29,23 @@ $(STAMP): setup.cfg pyproject.toml
 
 install: $(STAMP) ## create .venv and install the package with dev extras (once; stamp-guarded)
 
-train: $(STAMP) ## the main job: CPU toy distillation (experiment=toy_tdd)
+TOY_SHAPES  := data/shapes/two/info.json
+TOY_CACHE   := data/cache/toy-teacher/train/meta.json
+
+train: $(STAMP) $(TOY_CACHE) ## the main job: CPU toy distillation of models/toy-teacher (experiment=toy_tdd)
 	$(PY) train.py experiment=toy_tdd $(ARGS)
+
+$(TOY_SHAPES): | $(STAMP)
+	$(PY) data/make_shapes.py --out data/shapes/two --difficulty two
+
+$(TOY_CACHE): $(TOY_SHAPES) | $(STAMP)
+	$(PY) -m tdd_lightning.data.encode "data/shapes/two/train/shard-*.tar" data/cache/toy-teacher/train \
+		--model models/toy-teacher --resolution 32 --batch-size 256 --num-workers 1 --overwrite --no-progress
+
+toy-data: $(TOY_CACHE) ## the two-object shapes data and its latent cache for the toy teacher (once)
+
+bench-toy: $(STAMP) $(TOY_CACHE) ## TDD/LCM/TCD/PCM students x 2 seeds + teacher -> docs/results/toy.md (~75 min CPU)
+	$(PY) -m tdd_lightning.toy.bench $(ARGS)
 
 test: $(STAMP) ## the default test suite (fast; slow tests excluded)
 	$(PY) -m pytest $(ARGS)

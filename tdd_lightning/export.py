@@ -137,7 +137,7 @@ def kohya_state_dict(tensors: Mapping[str, torch.Tensor], alpha: float) -> dict[
 
 
 # ---- metadata --------------------------------------------------------------------------------------
-def _trained_scheduler(selection: Mapping[str, Any]) -> dict[str, Any]:
+def trained_scheduler_config(selection: Mapping[str, Any]) -> dict[str, Any]:
     """TDDScheduler config keys matching the training grid and the jumps it trained."""
     N = int(selection.get("N", 250))
     if "K" in selection:
@@ -156,7 +156,7 @@ def tdd_metadata(ckpt: Mapping[str, Any], role: str, spec: LoRASpec) -> dict[str
     hp = ckpt.get("hyper_parameters") or {}
     selection = dict(hp.get("target_selection") or {})
     guidance = dict(hp.get("guidance") or {})
-    scheduler = _trained_scheduler(selection)
+    scheduler = trained_scheduler_config(selection)
     eta = min(0.2, scheduler["trained_s_ratio"])  # ALGORITHM.md 4: 0.2 recommended, within s_ratio
     scheduler["eta"] = eta
     # decoupled guidance (captions dropped in training) makes a normal CFG on top meaningful

@@ -129,7 +129,7 @@ def test_atomic_write_keeps_the_old_file_on_failure(tmp_path):
 
 def test_truncated_checkpoint_gives_a_clear_error(tiny_sdxl_dir, tmp_path):
     os.environ["TDD_ROOT"] = str(tmp_path)
-    common = ["experiment=toy_tdd", f"model.pretrained={tiny_sdxl_dir}", "callbacks.sample_grid.prompts=[]"]
+    common = ["experiment=smoke", f"model.pretrained={tiny_sdxl_dir}", "callbacks.sample_grid.prompts=[]"]
     train(compose_cfg([*common, "trainer.max_steps=2"], tmp_path / "a"))
     ckpt = tmp_path / "a" / "checkpoints" / "last.ckpt"
     broken = tmp_path / "broken.ckpt"
@@ -145,7 +145,7 @@ def test_truncated_checkpoint_gives_a_clear_error(tiny_sdxl_dir, tmp_path):
 
 def start(tiny_sdxl_dir, out, *extra):
     args = [
-        sys.executable, str(ROOT / "train.py"), "experiment=toy_tdd", f"model.pretrained={tiny_sdxl_dir}",
+        sys.executable, str(ROOT / "train.py"), "experiment=smoke", f"model.pretrained={tiny_sdxl_dir}",
         "callbacks.sample_grid.prompts=[]", "trainer.log_every_n_steps=1", "data.batch_size=4",
         "data.num_samples=64", f"hydra.run.dir={out}", *extra,
     ]  # fmt: skip
@@ -219,7 +219,7 @@ def test_slurm_configs_compose(tmp_path, tiny_sdxl_dir):
 def test_submitit_local_executor_runs_a_toy_job(tiny_sdxl_dir, tmp_path):
     sweep = tmp_path / "sweep"
     r = subprocess.run(
-        [sys.executable, str(ROOT / "train.py"), "-m", "hydra/launcher=submitit_local", "experiment=toy_tdd",
+        [sys.executable, str(ROOT / "train.py"), "-m", "hydra/launcher=submitit_local", "experiment=smoke",
          f"model.pretrained={tiny_sdxl_dir}", "trainer.max_steps=2", "callbacks.sample_grid.prompts=[]",
          f"hydra.sweep.dir={sweep}", "hydra.launcher.timeout_min=5"],
         cwd=tmp_path, env={**os.environ, "HF_HUB_OFFLINE": "1", "TDD_ROOT": str(tmp_path)},
@@ -252,7 +252,7 @@ def test_bf16_base_and_gradient_checkpointing_train(overrides, frozen_dtype, tin
     """bf16: frozen base weights in bf16, LoRA master weights and optimizer state in fp32."""
     os.environ["TDD_ROOT"] = str(tmp_path)
     cfg = compose_cfg(
-        ["experiment=toy_tdd", f"model.pretrained={tiny_sdxl_dir}", "callbacks.sample_grid.prompts=[]",
+        ["experiment=smoke", f"model.pretrained={tiny_sdxl_dir}", "callbacks.sample_grid.prompts=[]",
          "trainer.max_steps=3", "data.batch_size=4",
          "+callbacks.probe._target_=tests.test_robustness.DtypeProbe", *overrides],
         tmp_path / "out",

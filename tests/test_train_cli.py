@@ -38,7 +38,7 @@ def test_sdxl_recipe_fails_fast_offline_with_one_line(tmp_path):
 def test_multirun_sweep_and_report(tiny_sdxl_dir, tmp_path):
     sweep_dir = tmp_path / "sweep"
     r = run_train(
-        ["-m", "experiment=toy_tdd", "target_selection.s_ratio=0.0,0.3", "guidance.p_empty=0.0,0.2",
+        ["-m", "experiment=smoke", "target_selection.s_ratio=0.0,0.3", "guidance.p_empty=0.0,0.2",
          f"model.pretrained={tiny_sdxl_dir}", "trainer.max_steps=3", "callbacks.sample_grid.prompts=[]",
          f"hydra.sweep.dir={sweep_dir}"],
         tmp_path,
@@ -63,7 +63,7 @@ def _losses(out_dir: Path) -> dict[int, float]:
 def test_resume_from_checkpoint_continues_the_run(tiny_sdxl_dir, tmp_path):
     os.environ["TDD_ROOT"] = str(tmp_path)
     common = [
-        "experiment=toy_tdd", f"model.pretrained={tiny_sdxl_dir}", "callbacks.sample_grid.prompts=[]",
+        "experiment=smoke", f"model.pretrained={tiny_sdxl_dir}", "callbacks.sample_grid.prompts=[]",
         "trainer.log_every_n_steps=1", "callbacks.model_checkpoint.every_n_train_steps=3",
         "data.num_samples=64", "data.batch_size=4",
     ]  # fmt: skip
@@ -81,7 +81,7 @@ def test_resume_from_checkpoint_continues_the_run(tiny_sdxl_dir, tmp_path):
 def test_wandb_offline_logs_scalars_histograms_and_grid(tiny_sdxl_dir, tmp_path):
     os.environ["TDD_ROOT"] = str(tmp_path)
     cfg = compose_cfg(
-        ["experiment=toy_tdd", f"model.pretrained={tiny_sdxl_dir}", "logger=wandb", "trainer.max_steps=4",
+        ["experiment=smoke", f"model.pretrained={tiny_sdxl_dir}", "logger=wandb", "trainer.max_steps=4",
          "trainer.log_every_n_steps=1", "callbacks.time_histograms.every_n_steps=2",
          "callbacks.sample_grid.every_n_steps=2", "data.batch_size=4"],
         tmp_path / "out",

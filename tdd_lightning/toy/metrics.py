@@ -17,12 +17,13 @@ from tdd_lightning.toy.data import HEADS, to_unit
 
 @torch.no_grad()
 def classify(model, pixels: torch.Tensor, batch_size: int = 500) -> tuple[torch.Tensor, torch.Tensor]:
-    """uint8 images [N, 3, H, W] -> (predicted labels [N, len(HEADS)], features [N, F] float64)."""
+    """uint8 images [N, 3, H, W] -> (labels [N, len(HEADS)], features [N, F] float64), on the CPU."""
     preds, feats = [], []
+    device = next(model.parameters()).device
     for i in range(0, len(pixels), batch_size):
-        f = model.features(to_unit(pixels[i : i + batch_size]))
-        preds.append(torch.stack([model.heads[h](f).argmax(1) for h in HEADS], 1))
-        feats.append(f.double())
+        f = model.features(to_unit(pixels[i : i + batch_size].to(device)))
+        preds.append(torch.stack([model.heads[h](f).argmax(1) for h in HEADS], 1).cpu())
+        feats.append(f.double().cpu())
     return torch.cat(preds), torch.cat(feats)
 
 

@@ -1,4 +1,4 @@
-"""Sampling the toy teacher: DDIM (eta 0) with trailing timesteps and CFG against the zeros condition."""
+"""Sampling toy models: K-step DDIM/TDD jumps (eta re-noising), CFG against the zeros condition, decode."""
 
 from __future__ import annotations
 
@@ -53,11 +53,16 @@ def sample_images(
     guidance: float,
     schedule: NoiseSchedule,
     batch_size: int = 250,
+    eta: float = 0.0,
+    seed: int = 0,
 ) -> torch.Tensor:
-    """uint8 images [N, 3, 32, 32]: DDIM (eta 0) on ``timesteps`` with CFG ``guidance``, then decode."""
+    """uint8 images [N, 3, 32, 32]: ``tdd_sample`` on ``timesteps`` (eta 0: DDIM) with CFG ``guidance``,
+    then decode (images on the CPU). The re-noising draws (eta > 0) come from ``seed``, so a cell is
+    reproducible."""
     from tdd_lightning.conditioning import unet_eps
 
     out = []
+    generator = torch.Generator(device=x_T.device).manual_seed(seed)
     for i in range(0, len(x_T), batch_size):
         c = {k: v[i : i + batch_size] for k, v in cond.items()}
         u = {k: (v if k == "time_ids" else torch.zeros_like(v)) for k, v in c.items()}
@@ -71,6 +76,6 @@ def sample_images(
             return unet_eps(unet, x, t, c)
 
         eps_fn = guided(eps_cond, None, 1.0) if guidance == 1.0 else eps_batched
-        x0 = tdd_sample(eps_fn, x_T[i : i + batch_size], timesteps, schedule, eta=0.0)
-        out.append(to_uint8(vae.decode(x0 / vae.config.scaling_factor).sample))
+        x0 = tdd_sample(eps_fn, x_T[i : i + batch_size], timesteps, schedule, eta=eta, generator=generator)
+        out.append(to_uint8(vae.decode(x0 / vae.config.scaling_factor).sample).cpu())
     return torch.cat(out)

@@ -1,0 +1,119 @@
+"""End-of-training evaluation on the toy shapes task: the metric table of the student next to its teacher.
+
+When a run reaches ``max_steps`` (not when it is preempted or stopped early), rank 0 samples the
+in-memory student (LoRA role ``role``) at each step count and eta, samples the teacher (DDIM, trailing
+spacing, its cells cached on disk), scores everything with the shipped evaluator, prints the table and
+writes ``<out_dir>/table.md``, ``results.json``, ``quality_vs_steps.png`` and ``grid.png``
+(``python -m tdd_lightning.eval`` does the same for exported LoRAs). Logged to wandb when it is a logger.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+import torch
+
+
+class ToyEvaluation(L.Callback):
+    def __init__(
+        self,
+        evaluator: str,
+        data: str,
+        steps: list[int] = (1, 2, 4, 8),
+        etas: list[float] = (0.0, 0.2),
+        guidance: float = 1.0,
+        teacher_steps: list[int] = (4, 50),
+        teacher_guidance: float = 2.0,
+        n: int = 1000,
+        seed: int = 0,
+        cache_dir: str | None = None,
+        out_dir: str | None = None,
+        role: str = "student",
+    ):
+        self.evaluator, self.data = evaluator, data
+        self.steps, self.etas, self.guidance = list(steps), list(etas), guidance
+        self.teacher_steps, self.teacher_guidance = list(teacher_steps), teacher_guidance
+        self.n, self.seed, self.cache_dir, self.out_dir, self.role = n, seed, cache_dir, out_dir, role
+        self.table: str | None = None
+
+    def on_fit_start(self, trainer, pl_module):
+        """Fail now, not after training, if the evaluator or the held-out data is missing."""
+        from tdd_lightning.run import UserError
+
+        if not Path(self.evaluator, "config.json").is_file():
+            raise UserError(f"callbacks.toy_eval.evaluator: no evaluator at {self.evaluator}")
+        if not Path(self.data, "heldout").is_dir():
+            raise UserError(f"callbacks.toy_eval.data: no held-out split in {self.data} (run `make shapes`)")
+
+    def on_train_end(self, trainer, pl_module):
+        if not trainer.is_global_zero or trainer.max_steps < 0 or trainer.global_step < trainer.max_steps:
+            return
+        self.table = self.evaluate(trainer, pl_module)
+
+    @torch.no_grad()
+    def evaluate(self, trainer, pl_module) -> str:
+        from tdd_lightning.export import trained_scheduler_config
+        from tdd_lightning.models import load_sdxl_components
+        from tdd_lightning.pipelines import tdd_scheduler
+        from tdd_lightning.toy.classifier import load_evaluator
+        from tdd_lightning.toy.runner import Grid, Student, run_grid, write_report
+        from tdd_lightning.toy.suite import Suite, file_hash
+
+        teacher_dir = Path(pl_module.model_cfg["pretrained"])
+        parts = load_sdxl_components(str(teacher_dir))
+        unet_file = next((teacher_dir / "unet").glob("*.safetensors"))
+        suite = Suite(
+            parts,
+            load_evaluator(self.evaluator),
+            self.data,
+            n=self.n,
+            ref_steps=max(self.teacher_steps),
+            ref_guidance=self.teacher_guidance,
+            cache_dir=self.cache_dir,
+            teacher_id=file_hash(unet_file),
+            device=pl_module.device,
+        )
+        selection = pl_module.hparams["target_selection"]
+        scheduler = tdd_scheduler({}, {"scheduler_config": trained_scheduler_config(selection)})
+        grid = Grid(
+            self.steps,
+            self.etas,
+            [self.guidance],
+            [self.seed],
+            None,
+            self.teacher_steps,
+            self.teacher_guidance,
+        )
+        name = f"{selection.get('name', 'student').upper()} {self.role}"
+        student = Student(name, Path("."), 0, [self.seed])
+        unet = pl_module.unet
+        was_training = unet.training
+        unet.eval()
+        try:
+            with pl_module.roles.role(self.role):
+                records, columns = run_grid(suite, [student], grid, lambda _: (unet, scheduler))
+        finally:
+            unet.train(was_training)
+        out = Path(self.out_dir or trainer.default_root_dir)
+        meta = {
+            "n": self.n,
+            "ref_steps": suite.ref_steps,
+            "ref_guidance": self.teacher_guidance,
+            "global_step": trainer.global_step,
+            "teacher": str(teacher_dir),
+        }
+        paths = write_report(out, records, suite.real_rows(), grid, columns, suite.captions, meta)
+        table = paths["table"].read_text()
+        print(f"\nStudent after {trainer.global_step} steps vs the teacher ({out}):\n\n{table}", flush=True)
+        self._log_wandb(trainer, paths)
+        return table
+
+    @staticmethod
+    def _log_wandb(trainer, paths) -> None:
+        from lightning.pytorch.loggers import WandbLogger
+
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger):
+                images = [str(p) for k, p in paths.items() if p.suffix == ".png"]
+                logger.log_image("eval/report", images, step=trainer.global_step)

@@ -1,0 +1,187 @@
+"""Evaluate distilled students next to their teacher on the toy shapes task: table, plots, grids.
+
+    python -m tdd_lightning.eval --student TDD=logs/toy_tdd/runs/<time> --student LCM=<exported LoRA> \\
+        --steps 1 2 4 6 8 --eta 0 0.2 --guidance 1 2 --seeds 0 1 --out outputs/eval [--wandb]
+
+A student is ``NAME=PATH``: an exported LoRA (file or folder, ``python -m tdd_lightning.export``) or a
+training run folder (its ``checkpoints/last_lora/<role>``). Repeat a NAME for several training seeds of
+one method: they are aggregated (mean ± spread). Every student is sampled the same way: its exported
+scheduler's K-step schedule (the grid it was trained on), ``tdd_sample`` with each eta, standard CFG
+against the zeros condition with each guidance, from the same initial noise per sampling seed. The
+teacher runs DDIM with trailing spacing (``--teacher-steps``, ``--teacher-guidance``, eta 0).
+
+Writes ``<out>/table.md``, ``results.json`` (every cell), ``quality_vs_steps.png``,
+``quality_vs_guidance.png`` (when several guidances) and ``grid.png``; logs them to wandb with ``--wandb``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from tdd_lightning.toy.runner import Grid, Student, run_grid, write_report
+
+
+class EvalError(RuntimeError):
+    """Bad input: one line on stderr, exit code 1."""
+
+
+def resolve_student(spec: str, role: str = "student") -> tuple[str, Path]:
+    """``NAME=PATH`` -> (name, LoRA file); a run folder resolves to its last exported LoRA."""
+    from tdd_lightning.pipelines import resolve_lora_file
+
+    name, sep, raw = spec.partition("=")
+    if not sep or not name or not raw:
+        raise EvalError(f"--student {spec!r}: write NAME=PATH (e.g. TDD=logs/toy_tdd/runs/<time>)")
+    path = Path(raw).expanduser()
+    if (path / "checkpoints" / "last_lora").is_dir():
+        path = path / "checkpoints" / "last_lora" / role
+    try:
+        return name, resolve_lora_file(path)
+    except FileNotFoundError as e:
+        raise EvalError(f"--student {name}: {e}") from None
+
+
+def group_students(specs: Sequence[str], seeds: Sequence[int], paired: bool, role: str) -> list[Student]:
+    """Number each group's members; ``paired``: member i samples only with seeds[i % len(seeds)]."""
+    students, count = [], {}
+    for spec in specs:
+        name, path = resolve_student(spec, role)
+        i = count.get(name, 0)
+        count[name] = i + 1
+        mine = [seeds[i % len(seeds)]] if paired else list(seeds)
+        students.append(Student(name, path, i, mine))
+    return students
+
+
+def load_student_unet(teacher: str, lora: Path, device: str = "cpu"):
+    """The teacher UNet with the LoRA merged in (bare-UNet speed) and its exported TDDScheduler."""
+    from tdd_lightning.pipelines import load_tdd_pipeline
+
+    pipe = load_tdd_pipeline(teacher, lora, fuse=True, device=device)
+    return pipe.unet.eval(), pipe.scheduler
+
+
+def log_wandb(paths: dict[str, Path], records: list[dict], project: str, name: str | None) -> None:
+    import wandb
+
+    run = wandb.init(project=project, name=name, job_type="eval")
+    rows = [{k: v for k, v in r.items() if isinstance(v, int | float | str)} for r in records]
+    columns = sorted({k for r in rows for k in r})
+    run.log({"eval/cells": wandb.Table(columns=columns, data=[[r.get(c) for c in columns] for r in rows])})
+    run.log({f"eval/{k}": wandb.Image(str(v)) for k, v in paths.items() if v.suffix == ".png"})
+    run.finish()
+
+
+def build_suite(a, log=print):
+    from tdd_lightning.models import load_sdxl_components
+    from tdd_lightning.models.loading import ModelNotFoundError
+    from tdd_lightning.toy.classifier import load_evaluator
+    from tdd_lightning.toy.suite import Suite, file_hash
+
+    try:
+        comp = load_sdxl_components(a.teacher)
+    except ModelNotFoundError as e:
+        raise EvalError(f"--teacher: {e}") from None
+    if not Path(a.data, "heldout").is_dir():
+        raise EvalError(f"--data {a.data}: no held-out split there (run `make shapes`)")
+    unet_file = next(Path(a.teacher, "unet").glob("*.safetensors"))
+    return Suite(
+        comp,
+        load_evaluator(a.evaluator),
+        a.data,
+        n=a.n,
+        ref_steps=a.ref_steps,
+        ref_guidance=a.teacher_guidance,
+        cache_dir=a.cache_dir,
+        teacher_id=file_hash(unet_file),
+        log=log,
+        device=a.device,
+    )
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--student", action="append", default=[], metavar="NAME=PATH", help="repeatable")
+    p.add_argument("--role", default="student", choices=["student", "target"], help="for run folders")
+    p.add_argument("--teacher", default="models/toy-teacher")
+    p.add_argument("--evaluator", default="models/toy-evaluator")
+    p.add_argument("--data", default="data/shapes/two", help="shapes dataset root (its heldout split)")
+    p.add_argument("--steps", type=int, nargs="+", default=[1, 2, 4, 6, 8])
+    p.add_argument("--eta", type=float, nargs="+", default=[0.2])
+    p.add_argument("--guidance", type=float, nargs="+", default=[1.0])
+    p.add_argument(
+        "--guidance-steps",
+        type=int,
+        nargs="+",
+        default=None,
+        help="evaluate guidances past the first only at these step counts",
+    )
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="sampling seeds (initial noise)")
+    p.add_argument(
+        "--paired-seeds",
+        action="store_true",
+        help="the i-th student of a name samples with seeds[i] only (the teacher with all)",
+    )
+    p.add_argument("--teacher-steps", type=int, nargs="*", default=[1, 2, 4, 8, 25, 50])
+    p.add_argument("--teacher-guidance", type=float, default=3.0, help="teacher CFG (also for its reference)")
+    p.add_argument("--ref-steps", type=int, default=50, help="teacher steps of the agreement reference")
+    p.add_argument("--n", type=int, default=1000, help="prompts per cell (<= half the held-out split)")
+    p.add_argument("--out", default="outputs/eval")
+    p.add_argument("--cache-dir", default="artifacts/toy-eval-cache", help="teacher cells ('' to disable)")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument(
+        "--device", default="cpu", help="cpu, cuda, cuda:1, ... (initial noise is drawn on the CPU)"
+    )
+    p.add_argument("--wandb", action="store_true", help="log table, plots and grid to wandb")
+    p.add_argument("--wandb-project", default="tdd_lightning")
+    p.add_argument("--name", default=None, help="wandb run name")
+    return p
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    from diffusers.utils import logging as dlogging
+
+    a = parser().parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    dlogging.set_verbosity_error()
+    start = time.time()
+    grid = Grid(a.steps, a.eta, a.guidance, a.seeds, a.guidance_steps, a.teacher_steps, a.teacher_guidance)
+    students = group_students(a.student, a.seeds, a.paired_seeds, a.role)
+    suite = build_suite(a)
+    records, columns = run_grid(
+        suite, students, grid, lambda st: load_student_unet(a.teacher, st.path, a.device)
+    )
+    meta = {
+        "n": a.n,
+        "ref_steps": a.ref_steps,
+        "ref_guidance": a.teacher_guidance,
+        "args": vars(a),
+        "students": [asdict(s) | {"path": str(s.path)} for s in students],
+    }
+    paths = write_report(Path(a.out), records, suite.real_rows(), grid, columns, suite.captions, meta)
+    print(paths["table"].read_text())
+    if a.wandb:
+        log_wandb(paths, records, a.wandb_project, a.name)
+    print(f"wrote {a.out} ({time.time() - start:.0f} s)")
+    return records
+
+
+def cli() -> int:
+    try:
+        main()
+    except EvalError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

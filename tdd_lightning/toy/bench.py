@@ -1,0 +1,134 @@
+"""The toy benchmark (make bench-toy): TDD, LCM, TCD and PCM students of one teacher, same budget, then
+one evaluation of all of them next to the teacher, written to docs/results/toy.md.
+
+    python -m tdd_lightning.toy.bench --seeds 0 1 --runs logs/bench_toy --out docs/results/toy.md
+
+Each student is ``python train.py experiment=toy_tdd`` with one override set (below) and ``seed=S``; only
+the target selection (or, for the guidance study, ``guidance.p_empty``) differs, so steps, batch, lr,
+LoRA rank, teacher guidance and dropout are the same for every method. Finished runs (their
+``metrics.json`` exists) are reused, so an interrupted benchmark resumes where it stopped. The
+evaluation is ``python -m tdd_lightning.eval`` with ``--paired-seeds``: training seed i samples with
+sampling seed i; the teacher samples with all of them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+# name -> train.py overrides on top of experiment=toy_tdd
+METHODS = {
+    "TDD": ["target_selection=tdd"],
+    "LCM": ["target_selection=lcm"],
+    "TCD": ["target_selection=tcd"],
+    "PCM": ["target_selection=pcm"],
+    "TDD p_empty=0": ["target_selection=tdd", "guidance.p_empty=0.0"],
+}
+
+
+def train_student(name: str, overrides: list[str], seed: int, runs: Path, extra: list[str]) -> Path:
+    run = runs / f"{name.replace(' ', '_').replace('=', '')}_seed{seed}"
+    if (run / "metrics.json").is_file():
+        print(f"[bench] {name} seed {seed}: done before ({run})", flush=True)
+        return run
+    cmd = [
+        sys.executable,
+        str(ROOT / "train.py"),
+        "experiment=toy_tdd",
+        *overrides,
+        f"seed={seed}",
+        f"hydra.run.dir={run}",
+        "~callbacks.toy_eval",
+        "callbacks.progress_bar.refresh_rate=100",
+        *extra,
+    ]
+    if (run / "checkpoints" / "last.ckpt").is_file():
+        cmd.append("ckpt_path=auto")  # interrupted: resume
+    print(f"[bench] {name} seed {seed}: {' '.join(cmd[2:])}", flush=True)
+    t0 = time.time()
+    subprocess.run(cmd, check=True, cwd=ROOT)
+    print(f"[bench] {name} seed {seed}: trained in {time.time() - t0:.0f} s", flush=True)
+    return run
+
+
+def budget(run: Path) -> str:
+    """The shared training budget, read from a run's resolved config."""
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.load(run / ".hydra" / "config.yaml")
+    return (
+        f"{cfg.trainer.max_steps} steps, batch {cfg.data.batch_size}, lr {cfg.optimizer.lr:g}, LoRA rank "
+        f"{cfg.model.lora.rank}, teacher CFG {1 + cfg.guidance.w:g}, p_empty {cfg.guidance.p_empty:g}, "
+        f"EMA target {cfg.module.ema_decay:g}"
+    )
+
+
+def page(table: str, meta: dict, plots: list[str]) -> str:
+    """The markdown page: how it was made, the table and the plots (analysis is appended by hand)."""
+    lines = [
+        "# Toy benchmark: TDD, LCM, TCD and PCM distilled from the toy teacher",
+        "",
+        f"Made by `make bench-toy` (`python -m tdd_lightning.toy.bench {' '.join(meta['argv'])}`) in "
+        f"{meta['minutes']:.0f} min on {meta['machine']}. Students: `experiment=toy_tdd` "
+        f"({meta['budget']}), training seeds {meta['seeds']}; only the target selection differs "
+        "(and `guidance.p_empty` for the guidance study).",
+        "",
+    ]
+    lines += [f"![{p}]({p})" for p in plots]
+    lines += ["", "## All cells", "", table]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    p.add_argument("--runs", default="logs/bench_toy", help="one run folder per student")
+    p.add_argument("--out", default="docs/results/toy.md")
+    p.add_argument("--eval-out", default=None, help="tables, plots, grid (default: beside --out)")
+    p.add_argument("--n", type=int, default=1000)
+    p.add_argument("--train-override", action="append", default=[], help="extra train.py override (all runs)")
+    p.add_argument("--eval-arg", action="append", default=[], help="extra eval argument (e.g. --threads=2)")
+    a = p.parse_args(argv)
+    start = time.time()
+    runs = ROOT / a.runs
+    students = []
+    for name in a.methods:
+        for seed in a.seeds:
+            run = train_student(name, METHODS[name], seed, runs, a.train_override)
+            students += ["--student", f"{name}={run}"]
+    out = ROOT / a.out
+    eval_dir = Path(a.eval_out) if a.eval_out else out.parent / out.stem
+    eval_args = [
+        *students, "--paired-seeds", "--seeds", *map(str, a.seeds), "--n", str(a.n),
+        "--steps", "1", "2", "4", "8", "--eta", "0.2", "0", "1",
+        "--guidance", "1", "1.5", "2", "--guidance-steps", "4", "8",
+        "--teacher-steps", "1", "2", "4", "8", "25", "50", "--out", str(eval_dir), *a.eval_arg,
+    ]  # fmt: skip
+    print("[bench] python -m tdd_lightning.eval " + " ".join(eval_args), flush=True)
+    from tdd_lightning import eval as toy_eval
+
+    toy_eval.main(eval_args)
+    meta = {
+        "argv": sys.argv[1:] if argv is None else argv,
+        "minutes": (time.time() - start) / 60,
+        "machine": f"{os.cpu_count()} CPU cores",
+        "seeds": a.seeds,
+        "budget": budget(runs / f"TDD_seed{a.seeds[0]}") if "TDD" in a.methods else "see toy_tdd.yaml",
+    }
+    table = (eval_dir / "table.md").read_text()
+    plots = [f"{eval_dir.name}/{f}" for f in ("quality_vs_steps.png", "quality_vs_guidance.png", "grid.png")
+             if (eval_dir / f).is_file()]  # fmt: skip
+    out.write_text(page(table, meta, plots))
+    print(f"[bench] wrote {out} ({meta['minutes']:.0f} min)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

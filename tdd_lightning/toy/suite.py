@@ -1,0 +1,185 @@
+"""The toy evaluation suite: one fixed prompt set, real references and teacher references, many models.
+
+A :class:`Suite` holds what every evaluated cell shares: the first ``n`` held-out captions (their
+conditions and labels), the evaluator's features of ``n`` other held-out real images (for FD at equal
+counts), the teacher's VAE and noise schedule. :meth:`Suite.cell` samples one model at one setting
+(steps, eta, guidance, sampling seed) and scores it. Agreement compares with the teacher's reference
+image of the same prompt and initial noise (``ref_steps`` DDIM steps, eta 0, ``ref_guidance``).
+
+Teacher cells are deterministic functions of the shipped teacher and the settings, so they are cached
+on disk (``cache_dir``; keyed by the teacher's UNet file hash and the settings).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from tdd_lightning.toy.data import labels_tensor, load_split
+from tdd_lightning.toy.metrics import agreement, classify, score
+from tdd_lightning.toy.sampling import encode_prompts, initial_noise, sample_images, trailing_timesteps
+
+# a model's K-step schedule (descending timesteps)
+TimestepFn = Callable[[int], list[int]]
+
+
+@dataclass(frozen=True)
+class Setting:
+    steps: int
+    eta: float
+    guidance: float
+    seed: int
+
+
+def student_timesteps(scheduler) -> TimestepFn:
+    """A TDDScheduler's K-step schedule (its trained grid; warnings for untrained K silenced)."""
+
+    def timesteps(k: int) -> list[int]:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            scheduler.set_timesteps(k)
+        return [int(t) for t in scheduler.timesteps]
+
+    return timesteps
+
+
+def file_hash(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:16]
+
+
+class Suite:
+    def __init__(
+        self,
+        components,
+        evaluator,
+        data: str | Path,
+        n: int = 1000,
+        ref_steps: int = 50,
+        ref_guidance: float = 2.0,
+        cache_dir: str | Path | None = None,
+        teacher_id: str = "teacher",
+        log: Callable[[str], None] = print,
+        device: str | torch.device = "cpu",
+    ):
+        from tdd_lightning.diffusion import NoiseSchedule
+
+        self.device = torch.device(device)
+        self.unet, self.vae = components.unet.to(self.device), components.vae.to(self.device)
+        evaluator = evaluator.to(self.device)
+        self.schedule = NoiseSchedule.from_config(components.noise_scheduler.config)
+        self.evaluator, self.n, self.log = evaluator, n, log
+        self.ref_steps, self.ref_guidance = ref_steps, ref_guidance
+        pixels, attrs = load_split(data, "heldout")
+        if 2 * n > len(pixels):
+            raise ValueError(f"n={n}: the held-out split of {data} has {len(pixels)} images; need 2n")
+        self.prompts = attrs[:n]
+        self.labels = labels_tensor(self.prompts)
+        self.real_pixels = pixels[:n]
+        _, self.real_feats = classify(evaluator, pixels[n : 2 * n])
+        cond = encode_prompts(components, [a["caption"] for a in self.prompts])
+        self.cond = {k: v.to(self.device) for k, v in cond.items()}
+        self.cache_dir = Path(cache_dir) if cache_dir else None
+        self.teacher_id = teacher_id
+        self._refs: dict[int, torch.Tensor] = {}
+
+    @property
+    def captions(self) -> list[str]:
+        return [a["caption"] for a in self.prompts]
+
+    # ---- references -----------------------------------------------------------------------------
+    def real_rows(self) -> dict[str, dict[str, float]]:
+        """The ceilings: real held-out images and their VAE reconstructions, scored like samples."""
+        preds, feats = classify(self.evaluator, self.real_pixels)
+        rows = {"real images": score(preds, feats, self.labels, self.real_feats)}
+        with torch.no_grad():
+            from tdd_lightning.toy.data import to_uint8, to_unit
+
+            z = self.vae.encode(to_unit(self.real_pixels).to(self.device)).latent_dist.mode()
+            recon = to_uint8(self.vae.decode(z).sample).cpu()
+        preds, feats = classify(self.evaluator, recon)
+        rows["VAE reconstructions"] = score(preds, feats, self.labels, self.real_feats)
+        return rows
+
+    def reference_setting(self, seed: int) -> Setting:
+        return Setting(self.ref_steps, 0.0, self.ref_guidance, seed)
+
+    def reference_features(self, seed: int) -> torch.Tensor:
+        """Evaluator features of the teacher's reference images for ``seed`` (cached: memory, disk)."""
+        if seed not in self._refs:
+            path = self._cache_path(self._cache_key(self.reference_setting(seed)), ".pt")
+            if path is not None and path.is_file():
+                self._refs[seed] = torch.load(path, map_location="cpu")
+            else:  # sampling the reference stores its features
+                self._teacher_sample(self.reference_setting(seed))
+        return self._refs[seed]
+
+    # ---- cells ----------------------------------------------------------------------------------
+    def images(self, unet, timesteps: Sequence[int], s: Setting) -> torch.Tensor:
+        x_T = initial_noise(self.n, s.seed).to(self.device)  # drawn on the CPU: the same on any device
+        return sample_images(
+            unet, self.vae, self.cond, x_T, list(timesteps), s.guidance, self.schedule, eta=s.eta, seed=s.seed
+        )
+
+    def cell(self, unet, timesteps: TimestepFn, s: Setting) -> tuple[dict[str, float], torch.Tensor]:
+        """Metrics of one model at one setting (and its images, for grids)."""
+        t0 = time.time()
+        images = self.images(unet, timesteps(s.steps), s)
+        preds, feats = classify(self.evaluator, images)
+        res = score(preds, feats, self.labels, self.real_feats)
+        res["agree"] = agreement(feats, self.reference_features(s.seed))
+        res["seconds"] = time.time() - t0
+        return res, images
+
+    def teacher_cell(self, s: Setting) -> tuple[dict[str, float], torch.Tensor | None]:
+        """The teacher: DDIM (trailing spacing) at ``s``; cached cells come without images."""
+        key = self._cache_key(s)
+        cached = self._cache_read(key)
+        if cached is not None:
+            return cached | {"seconds": 0.0}, None
+        t0 = time.time()
+        images, preds, feats = self._teacher_sample(s)
+        res = score(preds, feats, self.labels, self.real_feats)
+        res["agree"] = agreement(feats, self.reference_features(s.seed))
+        res["seconds"] = time.time() - t0
+        self._cache_write(key, res)
+        return res, images
+
+    def _teacher_sample(self, s: Setting) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        images = self.images(self.unet, trailing_timesteps(s.steps), s)
+        preds, feats = classify(self.evaluator, images)
+        if s == self.reference_setting(s.seed):
+            self._refs[s.seed] = feats
+            path = self._cache_path(self._cache_key(s), ".pt")
+            if path is not None:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                torch.save(feats, path)
+        return images, preds, feats
+
+    # ---- teacher cache ----------------------------------------------------------------------------
+    def _cache_key(self, s: Setting) -> str:
+        raw = json.dumps([self.teacher_id, self.n, self.ref_steps, self.ref_guidance, asdict(s)])
+        return hashlib.sha256(raw.encode()).hexdigest()[:20]
+
+    def _cache_path(self, key: str, suffix: str) -> Path | None:
+        return self.cache_dir / f"{key}{suffix}" if self.cache_dir else None
+
+    def _cache_read(self, key: str) -> dict | None:
+        path = self._cache_path(key, ".json")
+        return json.loads(path.read_text()) if path is not None and path.is_file() else None
+
+    def _cache_write(self, key: str, res: dict) -> None:
+        path = self._cache_path(key, ".json")
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(res))

@@ -1,0 +1,148 @@
+"""The toy evaluation: aggregation by hand, the settings grid, and the end of `experiment=toy_tdd` (a short
+distillation of the shipped teacher on a small fresh cache) agreeing with `python -m tdd_lightning.eval`
+on the exported LoRA."""
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+TEACHER = ROOT / "models" / "toy-teacher"
+
+
+def test_aggregate_mean_and_sample_std():
+    from tdd_lightning.toy.report import aggregate, markdown_table
+
+    recs = [
+        {
+            "model": "TDD",
+            "steps": 4,
+            "eta": 0.2,
+            "guidance": 1.0,
+            "seed": 0,
+            "run": 0,
+            "prompt_acc": 0.5,
+            "fd": 10.0,
+        },
+        {
+            "model": "TDD",
+            "steps": 4,
+            "eta": 0.2,
+            "guidance": 1.0,
+            "seed": 1,
+            "run": 1,
+            "prompt_acc": 0.7,
+            "fd": 14.0,
+        },
+        {
+            "model": "LCM",
+            "steps": 4,
+            "eta": 0.2,
+            "guidance": 1.0,
+            "seed": 0,
+            "run": 0,
+            "prompt_acc": 0.4,
+            "fd": 20.0,
+        },
+    ]
+    rows = aggregate(recs)
+    tdd, lcm = rows
+    assert (tdd["model"], tdd["n"], lcm["n"]) == ("TDD", 2, 1)
+    assert tdd["prompt_acc"] == pytest.approx(0.6) and tdd["prompt_acc_std"] == pytest.approx(math.sqrt(0.02))
+    assert tdd["fd"] == pytest.approx(12.0) and tdd["fd_std"] == pytest.approx(math.sqrt(8.0))
+    assert math.isnan(lcm["fd_std"])
+    table = markdown_table(rows).splitlines()
+    assert table[2] == "| TDD | 4 | 0.2 | 1 | 2 | 0.600 ± 0.141 | 12.0 ± 2.8 | - |"
+    assert table[3] == "| LCM | 4 | 0.2 | 1 | 1 | 0.400 | 20.0 | - |"
+
+
+def test_grid_settings():
+    from tdd_lightning.toy.runner import Grid
+
+    grid = Grid([1, 4, 8], [0.2, 0.0], [1.0, 2.0], [0, 1], guidance_steps=[4], teacher_steps=[4, 50])
+    cells = list(grid.student_settings([3]))
+    # 3 steps x 2 etas at guidance 1, plus guidance 2 at eta 0.2 and 4 steps only
+    assert len(cells) == 7 and all(c.seed == 3 for c in cells)
+    assert [(c.steps, c.eta) for c in cells if c.guidance == 2.0] == [(4, 0.2)]
+    teacher = list(grid.teacher_settings())
+    assert [(c.steps, c.seed) for c in teacher] == [(50, 0), (4, 0), (50, 1), (4, 1)]
+
+
+@pytest.fixture(scope="module")
+def toy_data(tmp_path_factory):
+    """A small fresh two-object dataset and its latent cache made with the teacher's encoders."""
+    from tdd_lightning.data.encode import encode_shards
+    from tdd_lightning.data.shapes import ShapesConfig, make_shapes
+    from tdd_lightning.models import load_sdxl_components
+    from tdd_lightning.models.encoder import SDXLEncoder
+
+    root = tmp_path_factory.mktemp("toy")
+    shapes = root / "shapes"
+    make_shapes(shapes, ShapesConfig(difficulty="two", train=128, heldout=64, shards=1, seed=777))
+    parts = load_sdxl_components(TEACHER)
+    enc = SDXLEncoder(parts.vae, parts.text_encoder, parts.text_encoder_2, parts.tokenizer, parts.tokenizer_2)
+    cache = root / "cache"
+    encode_shards(
+        str(shapes / "train" / "shard-*.tar"), cache, enc, resolution=32, num_workers=0, progress=False
+    )
+    return shapes, cache
+
+
+def test_toy_tdd_prints_table_and_eval_cli_agrees(toy_data, tmp_path):
+    shapes, cache = toy_data
+    run = tmp_path / "run"
+    common = ["n=16", "seed=5", f"cache_dir={tmp_path / 'cache'}", f"data={shapes}"]
+    cmd = [
+        sys.executable, str(ROOT / "train.py"), "experiment=toy_tdd", f"hydra.run.dir={run}",
+        f"data.train_shards={cache}/shard-*.tar", "data.batch_size=8", "data.num_workers=0",
+        "trainer.max_steps=3", "callbacks.sample_grid.every_n_steps=100",
+        "callbacks.model_checkpoint.every_n_train_steps=100", "callbacks.toy_eval.steps=[1,2]",
+        "callbacks.toy_eval.etas=[0.0]", "callbacks.toy_eval.teacher_steps=[2,4]",
+        *[f"callbacks.toy_eval.{kv}" for kv in common],
+    ]  # fmt: skip
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "Student after 3 steps vs the teacher" in out.stdout
+    assert "| TDD student | 2 | 0 | 1 | 1 |" in out.stdout
+    callback = json.loads((run / "eval" / "results.json").read_text())["records"]
+    assert {(r["model"], r["steps"]) for r in callback} == {
+        ("teacher DDIM", 4),
+        ("teacher DDIM", 2),
+        ("TDD student", 1),
+        ("TDD student", 2),
+    }
+    assert (run / "eval" / "quality_vs_steps.png").is_file() and (run / "eval" / "grid.png").is_file()
+
+    # the exported LoRA through the stock pipeline (merged weights) gives the same cells
+    ev = tmp_path / "ev"
+    args = [
+        "--student", f"TDD student={run}", "--steps", "1", "2", "--eta", "0", "--seeds", "5", "--n", "16",
+        "--teacher-steps", "2", "4", "--ref-steps", "4", "--data", str(shapes), "--out", str(ev),
+        "--cache-dir", str(tmp_path / "cache"),
+    ]  # fmt: skip
+    out = subprocess.run([sys.executable, "-m", "tdd_lightning.eval", *args], capture_output=True, text=True,
+                         timeout=300, cwd=ROOT)  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    cli = json.loads((ev / "results.json").read_text())["records"]
+    key = lambda r: (r["model"], r["steps"])  # noqa: E731
+    for a, b in zip(sorted(callback, key=key), sorted(cli, key=key), strict=True):
+        assert key(a) == key(b)
+        assert a["prompt_acc"] == pytest.approx(b["prompt_acc"], abs=1 / 16 + 1e-9)
+        assert a["agree"] == pytest.approx(b["agree"], rel=0.05, abs=0.5)
+
+
+def test_eval_cli_errors(tmp_path):
+    out = subprocess.run(
+        [sys.executable, "-m", "tdd_lightning.eval", "--student", "nopath", "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=120, cwd=ROOT,
+    )  # fmt: skip
+    assert out.returncode == 1 and "NAME=PATH" in out.stderr
+    out = subprocess.run(
+        [sys.executable, "-m", "tdd_lightning.eval", "--student", f"X={tmp_path}/no", "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=120, cwd=ROOT,
+    )  # fmt: skip
+    assert out.returncode == 1 and "does not exist" in out.stderr
