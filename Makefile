@@ -64,9 +64,11 @@ format: $(STAMP) ## ruff fix + format
 tiny-model: $(STAMP) ## write a tiny random SDXL-shaped pipeline to artifacts/tiny-sdxl
 	$(PY) -m tdd_lightning.models.tiny artifacts/tiny-sdxl
 
-sweep: $(STAMP) ## example multirun: 2x2 sweep of the toy, then a report table
-	$(PY) train.py -m experiment=toy_tdd target_selection.s_ratio=0.0,0.3 guidance.p_empty=0.0,0.2 hydra.sweep.dir=multirun/example
-	$(PY) -m tdd_lightning.sweep_report multirun/example
+sweep: $(STAMP) $(TOY_CACHE) ## example multirun: 2x2 sweep of short toy runs (~15 min CPU), then a report table
+	$(PY) train.py -m experiment=toy_tdd trainer.max_steps=200 callbacks.toy_eval.n=500 callbacks.toy_eval.etas=[0.2] \
+		target_selection.s_ratio=0.0,0.3 guidance.p_empty=0.0,0.2 hydra.sweep.dir=multirun/example
+	$(PY) -m tdd_lightning.sweep_report multirun/example --metrics train/loss eval/prompt_acc/4steps_eta0.2 \
+		eval/fd/4steps_eta0.2 global_step
 
 clean: ## remove outputs, logs and caches (keeps .venv)
 	rm -rf outputs multirun logs wandb lightning_logs .pytest_cache .ruff_cache artifacts

@@ -53,7 +53,10 @@ def _fmt(v) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("multirun_dir", type=Path)
-    p.add_argument("--metrics", nargs="+", default=list(DEFAULT_METRICS), help="metric names to show")
+    p.add_argument(
+        "--metrics", nargs="+", default=list(DEFAULT_METRICS),
+        help="metric names to show, e.g. eval/prompt_acc/4steps_eta0.2 (toy_tdd's end-of-run evaluation)",
+    )  # fmt: skip
     a = p.parse_args(argv)
     rows = collect(a.multirun_dir)
     if not rows:

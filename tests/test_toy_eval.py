@@ -116,6 +116,9 @@ def test_toy_tdd_prints_table_and_eval_cli_agrees(toy_data, tmp_path):
         ("TDD student", 2),
     }
     assert (run / "eval" / "quality_vs_steps.png").is_file() and (run / "eval" / "grid.png").is_file()
+    metrics = json.loads((run / "metrics.json").read_text())
+    acc2 = next(r["prompt_acc"] for r in callback if r["model"] == "TDD student" and r["steps"] == 2)
+    assert metrics["eval/prompt_acc/2steps_eta0"] == pytest.approx(acc2)
 
     # the exported LoRA through the stock pipeline (merged weights) gives the same cells
     ev = tmp_path / "ev"

@@ -104,6 +104,12 @@ class ToyEvaluation(L.Callback):
             "teacher": str(teacher_dir),
         }
         paths = write_report(out, records, suite.real_rows(), grid, columns, suite.captions, meta)
+        for r in records:  # into metrics.json (and sweep reports): eval/prompt_acc/4steps_eta0.2, ...
+            if r["model"] == name:
+                for m in ("prompt_acc", "fd", "agree"):
+                    trainer.callback_metrics[f"eval/{m}/{r['steps']}steps_eta{r['eta']:g}"] = torch.tensor(
+                        r[m]
+                    )
         table = paths["table"].read_text()
         print(f"\nStudent after {trainer.global_step} steps vs the teacher ({out}):\n\n{table}", flush=True)
         self._log_wandb(trainer, paths)
