@@ -72,7 +72,7 @@ def test_every_experiment_smoke_runs(experiment, tmp_path, tiny_overrides):
         "trainer.accumulate_grad_batches=1", "logger=csv", "callbacks.sample_grid.every_n_steps=2",
         "callbacks.model_checkpoint.every_n_train_steps=2",
     ]  # fmt: skip
-    if experiment == "toy_tdd":  # its end-of-run evaluation needs the real toy teacher: tests/test_toy_eval.py
+    if experiment == "toy_tdd":  # its end-of-run evaluation needs the real teacher: see test_toy_eval.py
         overrides.append("~callbacks.toy_eval")
     cfg = compose_cfg(overrides, tmp_path / "out")
     metrics = train(cfg)
