@@ -14,6 +14,7 @@ sampling seed i; the teacher samples with all of them.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import subprocess
 import sys
@@ -69,6 +70,69 @@ def budget(run: Path) -> str:
     )
 
 
+def _row(rows: list[dict], model: str, steps: int, eta: float, guidance: float) -> dict | None:
+    for r in rows:
+        if (r["model"], r["steps"], r["eta"], r["guidance"]) == (model, steps, eta, guidance):
+            return r
+    return None
+
+
+def _fmt(r: dict | None, m: str) -> str:
+    if r is None:
+        return "n/a"
+    return f"{r[m]:.3f} ± {r[m + '_std']:.3f}" if m == "prompt_acc" else f"{r[m]:.1f} ± {r[m + '_std']:.1f}"
+
+
+def targets(rows: list[dict], eta: float, teacher: str = "teacher DDIM", teacher_g: float = 3.0) -> str:
+    """The issue's targets, checked on the aggregated rows (students at ``eta``, CFG 1)."""
+    t50, t4 = _row(rows, teacher, 50, 0.0, teacher_g), _row(rows, teacher, 4, 0.0, teacher_g)
+    out = []
+
+    def verdict(ok: bool) -> str:
+        return "**met**" if ok else "**missed**"
+
+    tdd4 = _row(rows, "TDD", 4, eta, 1.0)
+    if tdd4 and t50 and t4:
+        acc_ratio, fd_ratio = tdd4["prompt_acc"] / t50["prompt_acc"], tdd4["fd"] / t50["fd"]
+        out.append(
+            f"- TDD at 4 steps vs teacher at 50: prompt acc {_fmt(tdd4, 'prompt_acc')} = {acc_ratio:.2f}x "
+            f"the teacher's {_fmt(t50, 'prompt_acc')} (target >= 0.95x: {verdict(acc_ratio >= 0.95)}); "
+            f"FD {_fmt(tdd4, 'fd')} = {fd_ratio:.2f}x the teacher's {_fmt(t50, 'fd')} "
+            f"(target <= 1.25x: {verdict(fd_ratio <= 1.25)})."
+        )
+        better = tdd4["prompt_acc"] > t4["prompt_acc"] and tdd4["fd"] < t4["fd"]
+        out.append(
+            f"- TDD at 4 steps vs the teacher's own 4-step DDIM ({_fmt(t4, 'prompt_acc')}, FD "
+            f"{_fmt(t4, 'fd')}): better on both {verdict(better)}."
+        )
+    for k in (4, 8):
+        tdd = _row(rows, "TDD", k, eta, 1.0)
+        for other in ("LCM", "TCD"):
+            o = _row(rows, other, k, eta, 1.0)
+            if tdd is None or o is None:
+                continue
+            ok = tdd["prompt_acc"] > o["prompt_acc"] and tdd["fd"] < o["fd"]
+            out.append(
+                f"- {k} steps, TDD vs {other}: prompt acc {_fmt(tdd, 'prompt_acc')} vs "
+                f"{_fmt(o, 'prompt_acc')}, "
+                f"FD {_fmt(tdd, 'fd')} vs {_fmt(o, 'fd')}: TDD better on both {verdict(ok)}."
+            )
+    for name, expect in (("TDD", True), ("TDD p_empty=0", False)):  # TDD: p_empty 0.2
+        for k in (4, 8):
+            g1, g2 = _row(rows, name, k, eta, 1.0), _row(rows, name, k, eta, 2.0)
+            if g1 is None or g2 is None:
+                continue
+            improves = g2["prompt_acc"] > g1["prompt_acc"]  # judged on prompt accuracy; FD shown
+            want = "improves" if expect else "does not improve"
+            out.append(
+                f"- {name if not expect else 'TDD p_empty=0.2'}, {k} steps, inference CFG 1 -> 2: prompt acc "
+                f"{_fmt(g1, 'prompt_acc')} -> {_fmt(g2, 'prompt_acc')}, "
+                f"FD {_fmt(g1, 'fd')} -> {_fmt(g2, 'fd')} "
+                f"(expected: {want}; {verdict(improves == expect)})."
+            )
+    return "\n".join(out)
+
+
 def page(table: str, meta: dict, plots: list[str]) -> str:
     """The markdown page: how it was made, the table and the plots (analysis is appended by hand)."""
     lines = [
@@ -78,6 +142,12 @@ def page(table: str, meta: dict, plots: list[str]) -> str:
         f"{meta['minutes']:.0f} min on {meta['machine']}. Students: `experiment=toy_tdd` "
         f"({meta['budget']}), training seeds {meta['seeds']}; only the target selection differs "
         "(and `guidance.p_empty` for the guidance study).",
+        "",
+    ]
+    lines += [
+        "## Targets (students at eta " + f"{meta['eta']:g}, inference CFG 1 unless said)",
+        "",
+        meta["targets"],
         "",
     ]
     lines += [f"![{p}]({p})" for p in plots]
@@ -122,6 +192,11 @@ def main(argv: list[str] | None = None) -> int:
         "seeds": a.seeds,
         "budget": budget(runs / f"TDD_seed{a.seeds[0]}") if "TDD" in a.methods else "see toy_tdd.yaml",
     }
+    from tdd_lightning.toy.report import aggregate
+
+    records = json.loads((eval_dir / "results.json").read_text())["records"]
+    meta["eta"] = 0.2
+    meta["targets"] = targets(aggregate(records), 0.2)
     table = (eval_dir / "table.md").read_text()
     plots = [f"{eval_dir.name}/{f}" for f in ("quality_vs_steps.png", "quality_vs_guidance.png", "grid.png")
              if (eval_dir / f).is_file()]  # fmt: skip
