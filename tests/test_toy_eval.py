@@ -149,3 +149,34 @@ def test_eval_cli_errors(tmp_path):
         capture_output=True, text=True, timeout=120, cwd=ROOT,
     )  # fmt: skip
     assert out.returncode == 1 and "does not exist" in out.stderr
+
+
+def test_bench_targets_verdicts():
+    from tdd_lightning.toy.bench import targets
+    from tdd_lightning.toy.report import aggregate
+
+    def rec(model, steps, acc, fd, guidance=1.0, eta=0.2, seed=0):
+        return dict(
+            model=model, steps=steps, eta=eta, guidance=guidance, seed=seed, run=seed, prompt_acc=acc, fd=fd
+        )
+
+    recs = []
+    for seed in (0, 1):
+        recs += [
+            rec("teacher DDIM", 50, 0.60, 100.0, 3.0, 0.0, seed),
+            rec("teacher DDIM", 4, 0.40, 160.0, 3.0, 0.0, seed),
+        ]
+        for k in (4, 8):
+            recs += [rec("TDD", k, 0.58, 120.0, seed=seed), rec("TDD", k, 0.62, 110.0, 2.0, seed=seed)]
+            recs += [rec("LCM", k, 0.50, 130.0, seed=seed), rec("TCD", k, 0.59, 125.0, seed=seed)]
+            recs += [
+                rec("TDD p_empty=0", k, 0.55, 120.0, seed=seed),
+                rec("TDD p_empty=0", k, 0.50, 150.0, 2.0, seed=seed),
+            ]
+    text = targets(aggregate(recs), 0.2).splitlines()
+    # 0.58 / 0.60 = 0.97 >= 0.95 (met); FD 120 / 100 = 1.20 <= 1.25 (met); beats the teacher's 4-step DDIM
+    assert "0.97x" in text[0] and text[0].count("**met**") == 2
+    assert text[1].endswith("**met**.")
+    assert "TDD vs LCM" in text[2] and text[2].endswith("**met**.")
+    assert "TDD vs TCD" in text[3] and text[3].endswith("**missed**.")  # TCD has the higher accuracy
+    assert all(line.endswith("**met**).") for line in text[6:])  # guidance: p_empty 0.2 improves, 0 does not

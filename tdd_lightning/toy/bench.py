@@ -181,10 +181,15 @@ def main(argv: list[str] | None = None) -> int:
         "--guidance", "1", "1.5", "2", "--guidance-steps", "4", "8",
         "--teacher-steps", "1", "2", "4", "8", "25", "50", "--out", str(eval_dir), *a.eval_arg,
     ]  # fmt: skip
-    print("[bench] python -m tdd_lightning.eval " + " ".join(eval_args), flush=True)
-    from tdd_lightning import eval as toy_eval
+    done = eval_dir / "bench_eval_args.json"
+    if done.is_file() and json.loads(done.read_text()) == eval_args and (eval_dir / "results.json").is_file():
+        print(f"[bench] evaluation done before ({eval_dir})", flush=True)
+    else:
+        print("[bench] python -m tdd_lightning.eval " + " ".join(eval_args), flush=True)
+        from tdd_lightning import eval as toy_eval
 
-    toy_eval.main(eval_args)
+        toy_eval.main(eval_args)
+        done.write_text(json.dumps(eval_args))
     meta = {
         "argv": sys.argv[1:] if argv is None else argv,
         "minutes": (time.time() - start) / 60,
