@@ -208,7 +208,10 @@ def main(argv: list[str] | None = None) -> int:
     table = (eval_dir / "table.md").read_text()
     plots = [f"{eval_dir.name}/{f}" for f in ("quality_vs_steps.png", "quality_vs_guidance.png", "grid.png")
              if (eval_dir / f).is_file()]  # fmt: skip
-    out.write_text(page(table, meta, plots))
+    findings = ""  # a hand-written analysis survives re-runs
+    if out.is_file() and "\n## Findings" in out.read_text():
+        findings = "\n## Findings" + out.read_text().split("\n## Findings", 1)[1]
+    out.write_text(page(table, meta, plots) + findings)
     print(f"[bench] wrote {out} ({meta['minutes']:.0f} min)")
     return 0
 
