@@ -28,3 +28,14 @@ def tiny_components(tiny_sdxl_dir):
     from tdd_lightning.models import load_sdxl_components
 
     return load_sdxl_components(tiny_sdxl_dir)
+
+
+@pytest.fixture(autouse=True)
+def _restore_tdd_root():
+    """Tests point TDD_ROOT at their tmp folders; put it back so later subprocesses see the repository."""
+    before = os.environ.get("TDD_ROOT")
+    yield
+    if before is None:
+        os.environ.pop("TDD_ROOT", None)
+    else:
+        os.environ["TDD_ROOT"] = before

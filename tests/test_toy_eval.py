@@ -4,6 +4,7 @@ on the exported LoRA."""
 
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -104,7 +105,8 @@ def test_toy_tdd_prints_table_and_eval_cli_agrees(toy_data, tmp_path):
         "callbacks.toy_eval.etas=[0.0]", "callbacks.toy_eval.teacher_steps=[2,4]",
         *[f"callbacks.toy_eval.{kv}" for kv in common],
     ]  # fmt: skip
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    env = {**os.environ, "TDD_ROOT": str(ROOT)}  # the shipped teacher and evaluator
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "Student after 3 steps vs the teacher" in out.stdout
     assert "| TDD student | 2 | 0 | 1 | 1 |" in out.stdout
