@@ -37,6 +37,11 @@ def resolve_student(spec: str, role: str = "student") -> tuple[str, Path]:
     from tdd_lightning.pipelines import resolve_lora_file
 
     name, sep, raw = spec.partition("=")
+    parts = spec.split("=")
+    for i in range(2, len(parts)):  # names and paths may both hold "=": split where the path exists
+        if Path("=".join(parts[i:])).expanduser().exists():
+            name, raw = "=".join(parts[:i]), "=".join(parts[i:])
+            break
     if not sep or not name or not raw:
         raise EvalError(f"--student {spec!r}: write NAME=PATH (e.g. TDD=logs/toy_tdd/runs/<time>)")
     path = Path(raw).expanduser()

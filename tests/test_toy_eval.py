@@ -182,3 +182,17 @@ def test_bench_targets_verdicts():
     assert "TDD vs LCM" in text[2] and text[2].endswith("**met**.")
     assert "TDD vs TCD" in text[3] and text[3].endswith("**missed**.")  # TCD has the higher accuracy
     assert all(line.endswith("**met**).") for line in text[6:])  # guidance: p_empty 0.2 improves, 0 does not
+
+
+def test_student_spec_names_and_paths_may_hold_equals(tmp_path):
+    from tdd_lightning.eval import EvalError, resolve_student
+
+    lora = tmp_path / "runs" / "p_empty=0.0" / "checkpoints" / "last_lora" / "student"
+    lora.mkdir(parents=True)
+    (lora / "pytorch_lora_weights.safetensors").write_bytes(b"")
+    run = lora.parents[2]
+    name, path = resolve_student(f"TDD p_empty=0={run}")
+    assert name == "TDD p_empty=0" and path == lora / "pytorch_lora_weights.safetensors"
+    assert resolve_student(f"TDD={run}")[0] == "TDD"
+    with pytest.raises(EvalError, match="does not exist"):
+        resolve_student(f"TDD={tmp_path}/none")

@@ -58,6 +58,11 @@ def train_student(name: str, overrides: list[str], seed: int, runs: Path, extra:
     return run
 
 
+def train_minutes(run: Path) -> float:
+    """Wall time of a finished run: from its composed config to its metrics.json."""
+    return ((run / "metrics.json").stat().st_mtime - (run / ".hydra" / "config.yaml").stat().st_mtime) / 60
+
+
 def budget(run: Path) -> str:
     """The shared training budget, read from a run's resolved config."""
     from omegaconf import OmegaConf
@@ -138,8 +143,11 @@ def page(table: str, meta: dict, plots: list[str]) -> str:
     lines = [
         "# Toy benchmark: TDD, LCM, TCD and PCM distilled from the toy teacher",
         "",
-        f"Made by `make bench-toy` (`python -m tdd_lightning.toy.bench {' '.join(meta['argv'])}`) in "
-        f"{meta['minutes']:.0f} min on {meta['machine']}. Students: `experiment=toy_tdd` "
+        f"Made by `make bench-toy` (`python -m tdd_lightning.toy.bench {' '.join(meta['argv'])}`) on "
+        f"{meta['machine']}: {len(meta['train_minutes'])} students trained in "
+        f"{sum(meta['train_minutes']):.0f} min ({min(meta['train_minutes']):.1f} to "
+        f"{max(meta['train_minutes']):.1f} min each), evaluated in {meta['eval_minutes']:.0f} min. "
+        "Students: `experiment=toy_tdd` "
         f"({meta['budget']}), training seeds {meta['seeds']}; only the target selection differs "
         "(and `guidance.p_empty` for the guidance study).",
         "",
@@ -168,11 +176,12 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     start = time.time()
     runs = ROOT / a.runs
-    students = []
+    students, train_min = [], []
     for name in a.methods:
         for seed in a.seeds:
             run = train_student(name, METHODS[name], seed, runs, a.train_override)
             students += ["--student", f"{name}={run}"]
+            train_min.append(train_minutes(run))
     out = ROOT / a.out
     eval_dir = Path(a.eval_out) if a.eval_out else out.parent / out.stem
     eval_args = [
@@ -181,18 +190,25 @@ def main(argv: list[str] | None = None) -> int:
         "--guidance", "1", "1.5", "2", "--guidance-steps", "4", "8",
         "--teacher-steps", "1", "2", "4", "8", "25", "50", "--out", str(eval_dir), *a.eval_arg,
     ]  # fmt: skip
+    eval_start = time.time()
     done = eval_dir / "bench_eval_args.json"
-    if done.is_file() and json.loads(done.read_text()) == eval_args and (eval_dir / "results.json").is_file():
+    previous = json.loads(done.read_text()) if done.is_file() else {}
+    if (
+        isinstance(previous, dict)
+        and previous.get("args") == eval_args
+        and (eval_dir / "results.json").is_file()
+    ):
         print(f"[bench] evaluation done before ({eval_dir})", flush=True)
     else:
         print("[bench] python -m tdd_lightning.eval " + " ".join(eval_args), flush=True)
         from tdd_lightning import eval as toy_eval
 
         toy_eval.main(eval_args)
-        done.write_text(json.dumps(eval_args))
+        done.write_text(json.dumps({"args": eval_args, "minutes": (time.time() - eval_start) / 60}))
     meta = {
         "argv": sys.argv[1:] if argv is None else argv,
-        "minutes": (time.time() - start) / 60,
+        "train_minutes": train_min,
+        "eval_minutes": json.loads(done.read_text())["minutes"],
         "machine": f"{os.cpu_count()} CPU cores",
         "seeds": a.seeds,
         "budget": budget(runs / f"TDD_seed{a.seeds[0]}") if "TDD" in a.methods else "see toy_tdd.yaml",
@@ -212,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
     if out.is_file() and "\n## Findings" in out.read_text():
         findings = "\n## Findings" + out.read_text().split("\n## Findings", 1)[1]
     out.write_text(page(table, meta, plots) + findings)
-    print(f"[bench] wrote {out} ({meta['minutes']:.0f} min)")
+    print(f"[bench] wrote {out} ({(time.time() - start) / 60:.0f} min)")
     return 0
 
 
