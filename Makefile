@@ -44,7 +44,7 @@ $(TOY_CACHE): $(TOY_SHAPES) | $(STAMP)
 
 toy-data: $(TOY_CACHE) ## the two-object shapes data and its latent cache for the toy teacher (once)
 
-bench-toy: $(STAMP) $(TOY_CACHE) ## TDD/LCM/TCD/PCM students x 2 seeds + teacher -> docs/results/toy.md (~75 min CPU)
+bench-toy: $(STAMP) $(TOY_CACHE) ## TDD/LCM/TCD/PCM students x 2 seeds + teacher -> docs/results/toy.md (~80 min on 2 cores)
 	$(PY) -m tdd_lightning.toy.bench $(ARGS)
 
 test: $(STAMP) ## the default test suite (fast; slow tests excluded)
