@@ -133,6 +133,9 @@ def test_toy_tdd_prints_table_and_eval_cli_agrees(toy_data, tmp_path):
                          timeout=300, cwd=ROOT)  # fmt: skip
     assert out.returncode == 0, out.stderr[-3000:]
     cli = json.loads((ev / "results.json").read_text())["records"]
+    from PIL import Image  # cached teacher cells still get their grid column
+
+    assert Image.open(ev / "grid.png").size == Image.open(run / "eval" / "grid.png").size
     key = lambda r: (r["model"], r["steps"])  # noqa: E731
     for a, b in zip(sorted(callback, key=key), sorted(cli, key=key), strict=True):
         assert key(a) == key(b)

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from tdd_lightning.toy.sampling import trailing_timesteps
 from tdd_lightning.toy.suite import Setting, student_timesteps
 
 TEACHER = "teacher DDIM"
@@ -64,11 +65,9 @@ def run_grid(
         res, images = suite.teacher_cell(s)
         records.append({"model": TEACHER, "run": 0, **asdict(s)} | res)
         log(_line(TEACHER, s, res))
-        if (
-            images is not None
-            and s.seed == grid.seeds[0]
-            and s.steps in (grid_steps, max(grid.teacher_steps))
-        ):
+        if s.seed == grid.seeds[0] and s.steps in (grid_steps, max(grid.teacher_steps)):
+            if images is None:  # a cached cell: sample just the grid's prompts
+                images = suite.images(suite.unet, trailing_timesteps(s.steps), s, count=8)
             columns[f"teacher {s.steps} st."] = images[:8]
     for st in students:
         unet, scheduler = load(st)

@@ -125,10 +125,14 @@ class Suite:
         return self._refs[seed]
 
     # ---- cells ----------------------------------------------------------------------------------
-    def images(self, unet, timesteps: Sequence[int], s: Setting) -> torch.Tensor:
-        x_T = initial_noise(self.n, s.seed).to(self.device)  # drawn on the CPU: the same on any device
+    def images(self, unet, timesteps: Sequence[int], s: Setting, count: int | None = None) -> torch.Tensor:
+        """Samples of the first ``count`` prompts (default all n); at eta 0 the same images either way."""
+        x_T = initial_noise(self.n, s.seed)[:count].to(
+            self.device
+        )  # drawn on the CPU: the same on any device
+        cond = {k: v[:count] for k, v in self.cond.items()}
         return sample_images(
-            unet, self.vae, self.cond, x_T, list(timesteps), s.guidance, self.schedule, eta=s.eta, seed=s.seed
+            unet, self.vae, cond, x_T, list(timesteps), s.guidance, self.schedule, eta=s.eta, seed=s.seed
         )
 
     def cell(self, unet, timesteps: TimestepFn, s: Setting) -> tuple[dict[str, float], torch.Tensor]:
