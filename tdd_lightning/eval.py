@@ -84,31 +84,19 @@ def log_wandb(paths: dict[str, Path], records: list[dict], project: str, name: s
     run.finish()
 
 
-def build_suite(a, log=print):
-    from tdd_lightning.models import load_sdxl_components
+def build_suite(a):
     from tdd_lightning.models.loading import ModelNotFoundError
-    from tdd_lightning.toy.classifier import load_evaluator
-    from tdd_lightning.toy.suite import Suite, file_hash
+    from tdd_lightning.toy.suite import Suite
 
-    try:
-        comp = load_sdxl_components(a.teacher)
-    except ModelNotFoundError as e:
-        raise EvalError(f"--teacher: {e}") from None
     if not Path(a.data, "heldout").is_dir():
         raise EvalError(f"--data {a.data}: no held-out split there (run `make shapes`)")
-    unet_file = next(Path(a.teacher, "unet").glob("*.safetensors"))
-    return Suite(
-        comp,
-        load_evaluator(a.evaluator),
-        a.data,
-        n=a.n,
-        ref_steps=a.ref_steps,
-        ref_guidance=a.teacher_guidance,
-        cache_dir=a.cache_dir,
-        teacher_id=file_hash(unet_file),
-        log=log,
-        device=a.device,
-    )
+    try:
+        return Suite.from_teacher(
+            a.teacher, a.evaluator, a.data, n=a.n, ref_steps=a.ref_steps, ref_guidance=a.teacher_guidance,
+            cache_dir=a.cache_dir, device=a.device,
+        )  # fmt: skip
+    except ModelNotFoundError as e:
+        raise EvalError(f"--teacher: {e}") from None
 
 
 def parser() -> argparse.ArgumentParser:

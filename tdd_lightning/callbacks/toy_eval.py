@@ -54,24 +54,19 @@ class ToyEvaluation(L.Callback):
     @torch.no_grad()
     def evaluate(self, trainer, pl_module) -> str:
         from tdd_lightning.export import trained_scheduler_config
-        from tdd_lightning.models import load_sdxl_components
         from tdd_lightning.pipelines import tdd_scheduler
-        from tdd_lightning.toy.classifier import load_evaluator
         from tdd_lightning.toy.runner import Grid, Student, run_grid, write_report
-        from tdd_lightning.toy.suite import Suite, file_hash
+        from tdd_lightning.toy.suite import Suite
 
         teacher_dir = Path(pl_module.model_cfg["pretrained"])
-        parts = load_sdxl_components(str(teacher_dir))
-        unet_file = next((teacher_dir / "unet").glob("*.safetensors"))
-        suite = Suite(
-            parts,
-            load_evaluator(self.evaluator),
+        suite = Suite.from_teacher(
+            teacher_dir,
+            self.evaluator,
             self.data,
             n=self.n,
             ref_steps=max(self.teacher_steps),
             ref_guidance=self.teacher_guidance,
             cache_dir=self.cache_dir,
-            teacher_id=file_hash(unet_file),
             device=pl_module.device,
         )
         selection = pl_module.hparams["target_selection"]

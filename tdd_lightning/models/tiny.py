@@ -8,6 +8,7 @@ loader and every SDXL code path run on it. ``python -m tdd_lightning.models.tiny
 from __future__ import annotations
 
 import argparse
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -79,20 +80,35 @@ def unet_from_config(cfg: TinySDXLConfig):
     )
 
 
-def vae_from_config(cfg: TinySDXLConfig):
+def small_autoencoder(
+    block_out_channels: Sequence[int],
+    latent_channels: int,
+    norm_num_groups: int,
+    sample_size: int,
+    mid_block_attention: bool = True,
+):
+    """An SDXL-layout AutoencoderKL with one layer per block (the tiny pipeline's and the toy teacher's)."""
     from diffusers import AutoencoderKL
 
-    n = len(cfg.vae_block_out_channels)
+    n = len(block_out_channels)
     return AutoencoderKL(
         in_channels=3,
         out_channels=3,
         down_block_types=("DownEncoderBlock2D",) * n,
         up_block_types=("UpDecoderBlock2D",) * n,
-        block_out_channels=cfg.vae_block_out_channels,
+        block_out_channels=tuple(block_out_channels),
         layers_per_block=1,
-        latent_channels=cfg.latent_channels,
-        norm_num_groups=8,
-        sample_size=cfg.sample_size * 2 ** (n - 1),
+        latent_channels=latent_channels,
+        norm_num_groups=norm_num_groups,
+        mid_block_add_attention=mid_block_attention,
+        sample_size=sample_size,
+    )
+
+
+def vae_from_config(cfg: TinySDXLConfig):
+    n = len(cfg.vae_block_out_channels)
+    return small_autoencoder(
+        cfg.vae_block_out_channels, cfg.latent_channels, 8, sample_size=cfg.sample_size * 2 ** (n - 1)
     )
 
 

@@ -14,6 +14,7 @@ from tdd_lightning.toy.sampling import trailing_timesteps
 from tdd_lightning.toy.suite import Setting, student_timesteps
 
 TEACHER = "teacher DDIM"
+GRID_PROMPTS = 8  # rows of the sample grid: the first prompts of the suite
 
 
 @dataclass
@@ -67,8 +68,8 @@ def run_grid(
         log(_line(TEACHER, s, res))
         if s.seed == grid.seeds[0] and s.steps in (grid_steps, max(grid.teacher_steps)):
             if images is None:  # a cached cell: sample just the grid's prompts
-                images = suite.images(suite.unet, trailing_timesteps(s.steps), s, count=8)
-            columns[f"teacher {s.steps} st."] = images[:8]
+                images = suite.images(suite.unet, trailing_timesteps(s.steps), s, count=GRID_PROMPTS)
+            columns[f"teacher {s.steps} st."] = images[:GRID_PROMPTS]
     for st in students:
         unet, scheduler = load(st)
         timesteps = student_timesteps(scheduler)
@@ -78,7 +79,7 @@ def run_grid(
             log(_line(f"{st.name}#{st.run}", s, res))
             first = s.eta == grid.etas[0] and s.guidance == grid.guidances[0] and s.seed == st.seeds[0]
             if st.run == 0 and first and s.steps == grid_steps:
-                columns[f"{st.name} {s.steps} st."] = images[:8]
+                columns[f"{st.name} {s.steps} st."] = images[:GRID_PROMPTS]
     return records, columns
 
 

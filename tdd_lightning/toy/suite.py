@@ -69,7 +69,6 @@ class Suite:
         ref_guidance: float = 2.0,
         cache_dir: str | Path | None = None,
         teacher_id: str = "teacher",
-        log: Callable[[str], None] = print,
         device: str | torch.device = "cpu",
     ):
         from tdd_lightning.diffusion import NoiseSchedule
@@ -78,7 +77,7 @@ class Suite:
         self.unet, self.vae = components.unet.to(self.device), components.vae.to(self.device)
         evaluator = evaluator.to(self.device)
         self.schedule = NoiseSchedule.from_config(components.noise_scheduler.config)
-        self.evaluator, self.n, self.log = evaluator, n, log
+        self.evaluator, self.n = evaluator, n
         self.ref_steps, self.ref_guidance = ref_steps, ref_guidance
         pixels, attrs = load_split(data, "heldout")
         if 2 * n > len(pixels):
@@ -92,6 +91,17 @@ class Suite:
         self.cache_dir = Path(cache_dir) if cache_dir else None
         self.teacher_id = teacher_id
         self._refs: dict[int, torch.Tensor] = {}
+
+    @classmethod
+    def from_teacher(cls, teacher: str | Path, evaluator: str | Path, data: str | Path, **kwargs) -> Suite:
+        """Load the teacher pipeline folder and the evaluator; teacher cells are cached under the hash of the
+        teacher's UNet weights (``kwargs``: the other ``__init__`` arguments)."""
+        from tdd_lightning.models import load_sdxl_components
+        from tdd_lightning.toy.classifier import load_evaluator
+
+        components = load_sdxl_components(str(teacher))
+        unet_file = next(Path(teacher, "unet").glob("*.safetensors"))
+        return cls(components, load_evaluator(evaluator), data, teacher_id=file_hash(unet_file), **kwargs)
 
     @property
     def captions(self) -> list[str]:

@@ -29,21 +29,15 @@ class VAEConfig:
 
 
 def build_vae(cfg: VAEConfig):
-    """A small AutoencoderKL (one layer per block, no mid-block attention)."""
-    from diffusers import AutoencoderKL
+    """A small AutoencoderKL (one layer per block, no mid-block attention) for 32x32 images."""
+    from tdd_lightning.models.tiny import small_autoencoder
 
-    n = len(cfg.block_out_channels)
-    return AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * n,
-        up_block_types=("UpDecoderBlock2D",) * n,
-        block_out_channels=cfg.block_out_channels,
-        layers_per_block=1,
-        latent_channels=cfg.latent_channels,
-        norm_num_groups=cfg.norm_num_groups,
-        mid_block_add_attention=False,
+    return small_autoencoder(
+        cfg.block_out_channels,
+        cfg.latent_channels,
+        cfg.norm_num_groups,
         sample_size=32,
+        mid_block_attention=False,
     )
 
 
