@@ -1,133 +1,25 @@
 """Sample with an exported TDD LoRA: `python sample.py lora=<exported LoRA file or folder>`.
 
-A stock diffusers SDXL pipeline + the LoRA + TDDScheduler (conf/sample.yaml lists every option). Writes
-one PNG per image to <output>/images/ and a labelled grid (rows: prompts, columns: settings) to
-<output>/grid.png. Lists of steps, eta or guidance_scale make the grid's columns.
+A stock diffusers SDXL pipeline + the LoRA + TDDScheduler (conf/sample.yaml lists every option); the flow
+lives in ``tdd_lightning.sample``. Writes one PNG per image to <output>/images/ and a labelled grid (rows:
+prompts, columns: settings) to <output>/grid.png. Lists of steps, eta or guidance_scale make the columns.
 """
 
-import json
-import logging
 import os
-import sys
 from pathlib import Path
 
 import hydra
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 os.environ.setdefault("TDD_ROOT", str(Path(__file__).resolve().parent))
-log = logging.getLogger("sample")
-
-
-class SampleError(RuntimeError):
-    """A problem with the user's options or files: one line on stderr, exit code 1."""
-
-
-def read_prompts(cfg: DictConfig) -> list[str]:
-    if cfg.prompt_file:
-        path = Path(cfg.prompt_file)
-        if not path.is_file():
-            raise SampleError(f"prompt_file: {path} does not exist")
-        prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
-    else:
-        prompts = [cfg.prompts] if isinstance(cfg.prompts, str) else list(cfg.prompts or [])
-    if not prompts:
-        raise SampleError("no prompts: set prompts=[...] or prompt_file=<one prompt per line>")
-    return prompts
-
-
-def resolve_inputs(cfg: DictConfig) -> tuple[Path | None, dict, str]:
-    """(LoRA file or None, its metadata, base model); one-line errors for what is missing."""
-    from tdd_lightning.export import read_metadata
-    from tdd_lightning.models.loading import ModelNotFoundError, resolve_model_path
-    from tdd_lightning.pipelines import resolve_lora_file
-
-    if OmegaConf.is_missing(cfg, "lora"):
-        raise SampleError(
-            "lora: give an exported LoRA, e.g. lora=<ckpt>_lora/student (or lora=null for the base)"
-        )
-    lora, metadata = None, {}
-    if cfg.lora is not None:
-        try:
-            lora = resolve_lora_file(cfg.lora)
-            metadata = read_metadata(lora)
-        except FileNotFoundError as e:
-            raise SampleError(f"lora: {e}") from None
-        except Exception as e:  # not a safetensors file
-            hint = ""
-            if lora.suffix == ".ckpt":
-                hint = "; export a checkpoint first: python -m tdd_lightning.export CKPT --out DIR"
-            raise SampleError(f"lora: {lora} is not a readable LoRA safetensors file ({e}){hint}") from None
-    base = cfg.base or metadata.get("base_model")
-    if not base:
-        raise SampleError("base: give the SDXL base model (a diffusers folder or a hub id)")
-    try:
-        resolve_model_path(str(base))
-    except ModelNotFoundError as e:
-        raise SampleError(f"base: {e}") from None
-    return lora, metadata, str(base)
-
-
-def run(cfg: DictConfig) -> Path:
-    import torch
-
-    from tdd_lightning.pipelines import generate, load_tdd_pipeline, recommended_call_kwargs, settings_grid
-    from tdd_lightning.plotting import label_grid, to_pil
-
-    prompts = read_prompts(cfg)
-    lora, metadata, base = resolve_inputs(cfg)
-    rec = recommended_call_kwargs(metadata)
-    names = {"steps": "num_inference_steps", "eta": "eta", "guidance_scale": "guidance_scale"}
-    pick = {k: rec[name] if cfg[k] is None else cfg[k] for k, name in names.items()}
-    pick = {k: OmegaConf.to_object(v) if OmegaConf.is_config(v) else v for k, v in pick.items()}
-    settings, varying = settings_grid(**pick)
-    if cfg.batch < 1:
-        raise SampleError(f"batch={cfg.batch} must be >= 1")
-
-    device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    dtypes = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-    if cfg.dtype != "auto" and cfg.dtype not in dtypes:
-        raise SampleError(f"dtype={cfg.dtype!r}: choose auto, {', '.join(dtypes)}")
-    dtype = dtypes.get(cfg.dtype, torch.float16 if str(device).startswith("cuda") else torch.float32)
-    log.info(
-        "base %s, LoRA %s, %d prompt(s), %d setting(s) on %s", base, lora, len(prompts), len(settings), device
-    )
-    pipe = load_tdd_pipeline(base, lora, lora_scale=cfg.lora_scale, device=device, dtype=dtype)
-
-    out = Path(cfg.out_dir)
-    (out / "images").mkdir(parents=True, exist_ok=True)
-    columns, records = [], []
-    for setting in settings:
-        rows = []
-        for p, prompt in enumerate(prompts):
-            images = generate(
-                pipe, prompt, setting, seed=cfg.seed, batch=cfg.batch, negative_prompt=cfg.negative_prompt,
-                height=cfg.height, width=cfg.width,
-            )  # fmt: skip
-            for b, image in enumerate(images):
-                path = out / "images" / f"p{p:02d}_b{b}_{setting.slug()}.png"
-                to_pil(image).save(path)
-                records.append({"file": str(path.relative_to(out)), "prompt": prompt, "seed": cfg.seed + b,
-                                **vars(setting)})  # fmt: skip
-            rows.append(images)
-        columns.append(torch.cat(rows))
-    labels = [f"{q} #{b}" if cfg.batch > 1 else q for q in prompts for b in range(cfg.batch)]
-    grid = label_grid(columns, [s.title(varying) for s in settings], labels, cell=cfg.cell)
-    grid_path = out / "grid.png"
-    grid.save(grid_path)
-    settings_json = {"base": base, "lora": str(lora) if lora else None, "lora_scale": cfg.lora_scale,
-                     "negative_prompt": cfg.negative_prompt, "images": records}  # fmt: skip
-    (out / "samples.json").write_text(json.dumps(settings_json, indent=2))
-    log.info("wrote %d images and %s", len(records), grid_path)
-    return grid_path
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="sample")
 def main(cfg: DictConfig) -> None:
-    try:
-        run(cfg)
-    except SampleError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    from tdd_lightning.errors import exit_on_user_error
+    from tdd_lightning.sample import run
+
+    exit_on_user_error(lambda: run(cfg))
 
 
 if __name__ == "__main__":

@@ -5,13 +5,12 @@ All options are Hydra configs under conf/ (see conf/train.yaml); `--help` lists 
 
 import logging
 import os
-import sys
 from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
 
-from tdd_lightning import resolvers
+from tdd_lightning.training import resolvers
 
 os.environ.setdefault("TDD_ROOT", str(Path(__file__).resolve().parent))
 resolvers.register()
@@ -22,14 +21,11 @@ log = logging.getLogger("train")
 def main(cfg: DictConfig) -> float | None:
     from hydra.core.hydra_config import HydraConfig
 
-    from tdd_lightning.run import UserError, train
+    from tdd_lightning.errors import exit_on_user_error
+    from tdd_lightning.training.run import train
 
     log.info("output folder: %s", HydraConfig.get().runtime.output_dir)
-    try:
-        metrics = train(cfg)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    metrics = exit_on_user_error(lambda: train(cfg))
     log.info("output folder: %s", HydraConfig.get().runtime.output_dir)
     metric = cfg.get("optimized_metric")
     return metrics.get(metric) if metric else None

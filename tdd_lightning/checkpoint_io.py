@@ -15,6 +15,8 @@ from typing import Any
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
+from tdd_lightning.errors import UserError
+
 
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], object]) -> Path:
     """Call ``write(tmp_path)`` for a temporary file beside ``path``, fsync it, then rename onto ``path``."""
@@ -49,7 +51,7 @@ def checkpoint_path(trainer, name: str = "last.ckpt") -> Path:
     return folder / name
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError):
     """A checkpoint that is missing, unreadable or not a Lightning checkpoint (one-line reason)."""
 
 

@@ -32,12 +32,12 @@ from typing import Any
 import torch
 
 from tdd_lightning.checkpoint_io import CheckpointError, atomic_write, load_checkpoint
+from tdd_lightning.models.dtypes import DTYPES
 
 ROLES = ("student", "target")
 FORMATS = ("diffusers", "kohya")
 DIFFUSERS_WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # diffusers' default LoRA file name
 KOHYA_WEIGHT_NAME = "lora_kohya.safetensors"
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 METADATA_VERSION = "1"
 # the diffusers header key that carries the peft LoraConfig (diffusers.loaders.lora_base)
 LORA_ADAPTER_METADATA_KEY = "lora_adapter_metadata"

@@ -10,7 +10,8 @@ import lightning as L
 import torch
 
 from tdd_lightning.checkpoint_io import checkpoint_path
-from tdd_lightning.conditioning import (
+from tdd_lightning.errors import UserError
+from tdd_lightning.models.conditioning import (
     condition_from_batch,
     replace_where,
     teacher_cfg_eps,
@@ -18,11 +19,11 @@ from tdd_lightning.conditioning import (
     unet_eps,
 )
 from tdd_lightning.diffusion import NoiseSchedule, add_noise, cfg_combine, ddim_jump, k_step_schedule
+from tdd_lightning.models.dtypes import DTYPES
 from tdd_lightning.models.roles import SDXL_LORA_TARGETS, STUDENT, TARGET, LoRARoles
-from tdd_lightning.sampling import guided, tdd_sample
+from tdd_lightning.diffusion.sampling import guided, tdd_sample
 from tdd_lightning.strategies import DistillationLoss, Guidance, TargetSelection
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -34,7 +35,7 @@ def to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
     )
 
 
-class NonFiniteError(RuntimeError):
+class NonFiniteError(UserError):
     """Too many non-finite steps in a row; the message names the checkpoint of the last good state."""
 
 

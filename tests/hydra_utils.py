@@ -9,7 +9,7 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import open_dict
 
-from tdd_lightning import resolvers
+from tdd_lightning.training import resolvers
 
 resolvers.register()
 CONF = Path(__file__).resolve().parents[1] / "conf"

@@ -10,7 +10,7 @@ from tdd_lightning.bench.build import BenchConfig
 from tdd_lightning.bench.report import format_report
 from tdd_lightning.bench.runner import PHASES, run_bench
 from tdd_lightning.bench.timing import PhaseTimer
-from tdd_lightning.conditioning import unet_eps
+from tdd_lightning.models.conditioning import unet_eps
 from tdd_lightning.models.roles import SDXL_LORA_TARGETS, LoRARoles
 
 

@@ -5,7 +5,8 @@ import os
 import pytest
 from hydra.utils import instantiate
 
-from tdd_lightning.run import UserError, build, build_module, train
+from tdd_lightning.errors import UserError
+from tdd_lightning.training.run import build, build_module, train
 from tests.hydra_utils import compose_cfg, group_options
 
 

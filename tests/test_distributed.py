@@ -11,7 +11,7 @@ import torch
 
 from tdd_lightning.data.synthetic import SyntheticDataModule
 from tdd_lightning.module import TDDModule
-from tdd_lightning.optim import ConstantWithWarmup
+from tdd_lightning.training.optim import ConstantWithWarmup
 from tdd_lightning.strategies import DecoupledGuidance, DistillationLoss, TDDSelection
 
 STEPS, GLOBAL_BATCH = 4, 4

@@ -12,8 +12,8 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from tdd_lightning.callbacks import LoRAExport
-from tdd_lightning.conditioning import unet_eps
+from tdd_lightning.training.callbacks import LoRAExport
+from tdd_lightning.models.conditioning import unet_eps
 from tdd_lightning.data.synthetic import SyntheticDataModule
 from tdd_lightning.export import (
     DIFFUSERS_WEIGHT_NAME,

@@ -18,7 +18,8 @@ import torch
 from tdd_lightning.checkpoint_io import AtomicCheckpointIO, atomic_write
 from tdd_lightning.data.synthetic import SyntheticDataModule
 from tdd_lightning.module import TDDModule
-from tdd_lightning.run import UserError, check_config, train
+from tdd_lightning.errors import UserError
+from tdd_lightning.training.run import check_config, train
 from tdd_lightning.strategies import DecoupledGuidance, DistillationLoss, TDDSelection
 from tests.hydra_utils import compose_cfg
 

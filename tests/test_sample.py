@@ -15,6 +15,7 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from PIL import Image
 
+from tdd_lightning.errors import UserError
 from tdd_lightning.export import export_lora
 from tdd_lightning.module import TDDModule
 from tdd_lightning.strategies import DecoupledGuidance, DistillationLoss, TDDSelection
@@ -23,9 +24,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def load_sample_app():
-    spec = importlib.util.spec_from_file_location("sample_app", ROOT / "sample.py")
-    app = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(app)
+    import tdd_lightning.sample as app
+
     return app
 
 
@@ -105,7 +105,7 @@ def test_same_seed_same_images_and_prompt_file(lora_dir, tmp_path):
 )
 def test_missing_inputs_are_user_errors(tmp_path, overrides, message):
     app = load_sample_app()
-    with pytest.raises(app.SampleError, match=re.escape(message)):
+    with pytest.raises(UserError, match=re.escape(message)):
         app.run(compose_sample([*overrides, f"out_dir={tmp_path}"]))
 
 

@@ -1,5 +1,5 @@
 """The toy evaluation: aggregation by hand, the settings grid, and the end of `experiment=toy_tdd` (a short
-distillation of the shipped teacher on a small fresh cache) agreeing with `python -m tdd_lightning.eval`
+distillation of the shipped teacher on a small fresh cache) agreeing with `python -m tdd_lightning.toy.eval`
 on the exported LoRA."""
 
 import json
@@ -129,7 +129,7 @@ def test_toy_tdd_prints_table_and_eval_cli_agrees(toy_data, tmp_path):
         "--teacher-steps", "2", "4", "--ref-steps", "4", "--data", str(shapes), "--out", str(ev),
         "--cache-dir", str(tmp_path / "cache"),
     ]  # fmt: skip
-    out = subprocess.run([sys.executable, "-m", "tdd_lightning.eval", *args], capture_output=True, text=True,
+    out = subprocess.run([sys.executable, "-m", "tdd_lightning.toy.eval", *args], capture_output=True, text=True,
                          timeout=300, cwd=ROOT)  # fmt: skip
     assert out.returncode == 0, out.stderr[-3000:]
     cli = json.loads((ev / "results.json").read_text())["records"]
@@ -145,12 +145,12 @@ def test_toy_tdd_prints_table_and_eval_cli_agrees(toy_data, tmp_path):
 
 def test_eval_cli_errors(tmp_path):
     out = subprocess.run(
-        [sys.executable, "-m", "tdd_lightning.eval", "--student", "nopath", "--out", str(tmp_path)],
+        [sys.executable, "-m", "tdd_lightning.toy.eval", "--student", "nopath", "--out", str(tmp_path)],
         capture_output=True, text=True, timeout=120, cwd=ROOT,
     )  # fmt: skip
     assert out.returncode == 1 and "NAME=PATH" in out.stderr
     out = subprocess.run(
-        [sys.executable, "-m", "tdd_lightning.eval", "--student", f"X={tmp_path}/no", "--out", str(tmp_path)],
+        [sys.executable, "-m", "tdd_lightning.toy.eval", "--student", f"X={tmp_path}/no", "--out", str(tmp_path)],
         capture_output=True, text=True, timeout=120, cwd=ROOT,
     )  # fmt: skip
     assert out.returncode == 1 and "does not exist" in out.stderr
@@ -188,7 +188,8 @@ def test_bench_targets_verdicts():
 
 
 def test_student_spec_names_and_paths_may_hold_equals(tmp_path):
-    from tdd_lightning.eval import EvalError, resolve_student
+    from tdd_lightning.errors import UserError
+    from tdd_lightning.toy.eval import resolve_student
 
     lora = tmp_path / "runs" / "p_empty=0.0" / "checkpoints" / "last_lora" / "student"
     lora.mkdir(parents=True)
@@ -197,5 +198,5 @@ def test_student_spec_names_and_paths_may_hold_equals(tmp_path):
     name, path = resolve_student(f"TDD p_empty=0={run}")
     assert name == "TDD p_empty=0" and path == lora / "pytorch_lora_weights.safetensors"
     assert resolve_student(f"TDD={run}")[0] == "TDD"
-    with pytest.raises(EvalError, match="does not exist"):
+    with pytest.raises(UserError, match="does not exist"):
         resolve_student(f"TDD={tmp_path}/none")

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from tdd_lightning import sweep_report
-from tdd_lightning.run import train
+from tdd_lightning.training import sweep_report
+from tdd_lightning.training.run import train
 from tests.hydra_utils import compose_cfg
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -49,7 +49,7 @@ def compose(cfg: BenchConfig, pretrained: str, out_dir: Path):
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
-    from tdd_lightning import resolvers
+    from tdd_lightning.training import resolvers
 
     resolvers.register()
     cuda = cfg.device.startswith("cuda")
@@ -100,7 +100,7 @@ def build(cfg: BenchConfig, out_dir: Path) -> Built:
     from tdd_lightning.data.resumable import ResumableLoader
     from tdd_lightning.data.synthetic import SyntheticLatents
     from tdd_lightning.models.tiny import SDXL_SCHEDULER
-    from tdd_lightning.run import build_module
+    from tdd_lightning.training.run import build_module
 
     device = torch.device(cfg.device)
     dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float32

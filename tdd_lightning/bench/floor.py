@@ -15,7 +15,7 @@ from contextlib import contextmanager, nullcontext
 import torch
 
 from tdd_lightning.bench.timing import time_call
-from tdd_lightning.conditioning import unet_eps
+from tdd_lightning.models.conditioning import unet_eps
 from tdd_lightning.models.roles import STUDENT, TARGET
 
 FLOOR = ("teacher fwd", "target fwd", "student fwd+bwd")

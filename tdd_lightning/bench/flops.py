@@ -46,7 +46,7 @@ def step_flops(
     from diffusers import UNet2DConditionModel
     from peft.tuners.tuners_utils import BaseTunerLayer
 
-    from tdd_lightning.conditioning import unet_eps
+    from tdd_lightning.models.conditioning import unet_eps
     from tdd_lightning.models.roles import lora_config
 
     with torch.device("meta"):

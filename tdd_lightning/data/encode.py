@@ -21,7 +21,8 @@ from pathlib import Path
 
 import torch
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+from tdd_lightning.models.dtypes import DTYPES
+
 
 
 def _out_name(url: str) -> str:

@@ -15,10 +15,12 @@ from urllib.parse import urlparse
 
 import torch
 
+from tdd_lightning.errors import UserError
+
 SUBFOLDERS = ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")
 
 
-class ModelNotFoundError(RuntimeError):
+class ModelNotFoundError(UserError):
     """The model could not be found locally and the hub cannot be reached (one-line reason)."""
 
 

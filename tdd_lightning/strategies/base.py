@@ -1,24 +1,12 @@
-"""Shared helpers for strategies: config validation and seeded uniform draws."""
+"""Shared helpers for strategies: config checks (``tdd_lightning.errors``) and seeded uniform draws."""
 
 from __future__ import annotations
 
 import torch
 
+from tdd_lightning.errors import ConfigError, check
 
-class ConfigError(ValueError):
-    """A config value outside its allowed range; ``key`` names it (the caller adds the group prefix)."""
-
-    def __init__(self, key: str, value, allowed: str):
-        self.key, self.value, self.allowed = key, value, allowed
-        super().__init__(f"{key}={value!r} is invalid: {allowed}")
-
-    def with_prefix(self, prefix: str) -> ConfigError:
-        return ConfigError(f"{prefix}.{self.key}", self.value, self.allowed)
-
-
-def check(ok: bool, key: str, value, allowed: str) -> None:
-    if not ok:
-        raise ConfigError(key, value, allowed)
+__all__ = ["ConfigError", "check", "randint", "uniform"]
 
 
 def uniform(n: int, generator: torch.Generator | None, device: torch.device | str = "cpu") -> torch.Tensor:

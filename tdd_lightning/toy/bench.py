@@ -7,7 +7,7 @@ Each student is ``python train.py experiment=toy_tdd`` with one override set (be
 the target selection (or, for the guidance study, ``guidance.p_empty``) differs, so steps, batch, lr,
 LoRA rank, teacher guidance and dropout are the same for every method. Finished runs (their
 ``metrics.json`` exists) are reused, so an interrupted benchmark resumes where it stopped. The
-evaluation is ``python -m tdd_lightning.eval`` with ``--paired-seeds``: training seed i samples with
+evaluation is ``python -m tdd_lightning.toy.eval`` with ``--paired-seeds``: training seed i samples with
 sampling seed i; the teacher samples with all of them.
 """
 
@@ -200,8 +200,8 @@ def main(argv: list[str] | None = None) -> int:
     ):
         print(f"[bench] evaluation done before ({eval_dir})", flush=True)
     else:
-        print("[bench] python -m tdd_lightning.eval " + " ".join(eval_args), flush=True)
-        from tdd_lightning import eval as toy_eval
+        print("[bench] python -m tdd_lightning.toy.eval " + " ".join(eval_args), flush=True)
+        from tdd_lightning.toy import eval as toy_eval
 
         toy_eval.main(eval_args)
         done.write_text(json.dumps({"args": eval_args, "minutes": (time.time() - eval_start) / 60}))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from tdd_lightning.diffusion import NoiseSchedule
-from tdd_lightning.sampling import guided, tdd_sample
+from tdd_lightning.diffusion.sampling import guided, tdd_sample
 from tdd_lightning.toy.data import to_uint8
 
 IMAGE_SIZE = 32
@@ -59,7 +59,7 @@ def sample_images(
     """uint8 images [N, 3, 32, 32]: ``tdd_sample`` on ``timesteps`` (eta 0: DDIM) with CFG ``guidance``,
     then decode (images on the CPU). The re-noising draws (eta > 0) come from ``seed``, so a cell is
     reproducible."""
-    from tdd_lightning.conditioning import unet_eps
+    from tdd_lightning.models.conditioning import unet_eps
 
     out = []
     generator = torch.Generator(device=x_T.device).manual_seed(seed)

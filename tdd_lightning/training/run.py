@@ -19,17 +19,13 @@ from omegaconf import DictConfig, OmegaConf
 from tdd_lightning.checkpoint_io import CheckpointError, check_checkpoint
 from tdd_lightning.models.loading import ModelNotFoundError, resolve_model_path
 from tdd_lightning.module import NonFiniteError, TDDModule
-from tdd_lightning.strategies import ConfigError
-from tdd_lightning.validation import ConfigValueError, validate
+from tdd_lightning.errors import ConfigError, UserError
+from tdd_lightning.training.validation import validate
 
 log = logging.getLogger(__name__)
 # The base UNet stays in eval mode on purpose (no dropout in SDXL; teacher and target must be eval)
 warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode.*")
 warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\).*")
-
-
-class UserError(RuntimeError):
-    """A problem with the user's config or files: reported as one line, exit code 1."""
 
 
 def build(group: str, node: DictConfig | None, **kwargs) -> Any:
@@ -55,7 +51,7 @@ def prepare_model(model_cfg: DictConfig) -> None:
             raise UserError(
                 "model.build_if_missing=true needs model.builder (a function that writes the folder)"
             )
-        from tdd_lightning.distributed import import_class
+        from tdd_lightning.training.distributed import import_class
 
         log.info("building %s into %s", model_cfg.builder, path)
         import_class(model_cfg.builder)(path)
@@ -96,8 +92,6 @@ def check_config(cfg: DictConfig) -> None:
         validate(cfg)
         if resolve_ckpt_path(cfg):
             check_checkpoint(resolve_ckpt_path(cfg))
-    except ConfigValueError as e:
-        raise UserError(str(e)) from None
     except CheckpointError as e:
         raise UserError(f"ckpt_path: {e}") from None
 

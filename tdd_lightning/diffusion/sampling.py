@@ -11,7 +11,8 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from tdd_lightning.diffusion import NoiseSchedule, ddim_jump, eps_to_x0
+from tdd_lightning.diffusion.ops import ddim_jump, eps_to_x0
+from tdd_lightning.diffusion.schedule import NoiseSchedule
 
 EpsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 

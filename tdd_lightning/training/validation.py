@@ -10,9 +10,10 @@ from collections.abc import Callable
 
 from omegaconf import DictConfig, OmegaConf
 
+from tdd_lightning.errors import ConfigError
+from tdd_lightning.models.dtypes import DTYPES
 
-class ConfigValueError(ValueError):
-    pass
+
 
 
 # key -> (test, allowed range in words); a missing key is not checked
@@ -22,7 +23,7 @@ RULES: dict[str, tuple[Callable[[object], bool], str]] = {
     "module.max_nonfinite_steps": (lambda v: int(v) >= 1, "an integer >= 1"),
     "model.lora.rank": (lambda v: int(v) >= 1, "an integer >= 1"),
     "model.lora.alpha": (lambda v: v is None or float(v) > 0, "null or a number > 0"),
-    "model.base_dtype": (lambda v: v in ("fp32", "bf16", "fp16"), "one of fp32, bf16, fp16"),
+    "model.base_dtype": (lambda v: v in DTYPES, f"one of {', '.join(DTYPES)}"),
     "optimizer.lr": (lambda v: float(v) > 0, "a number > 0"),
     "optimizer.weight_decay": (lambda v: float(v) >= 0, "a number >= 0"),
     "data.batch_size": (lambda v: int(v) >= 1, "an integer >= 1"),
@@ -46,7 +47,7 @@ def _lookup(cfg: DictConfig, key: str):
 
 
 def validate(cfg: DictConfig) -> None:
-    """Raise ConfigValueError for the first knob outside its range (message: key=value and the range)."""
+    """Raise ConfigError for the first knob outside its range (message: key=value and the range)."""
     for key, (ok, allowed) in RULES.items():
         value = _lookup(cfg, key)
         if value == "__missing__":
@@ -56,4 +57,4 @@ def validate(cfg: DictConfig) -> None:
         except (TypeError, ValueError):
             good = False
         if not good:
-            raise ConfigValueError(f"{key}={value!r} is invalid: must be {allowed}")
+            raise ConfigError(key, value, f"must be {allowed}")

@@ -4,7 +4,7 @@ When a run reaches ``max_steps`` (not when it is preempted or stopped early), ra
 in-memory student (LoRA role ``role``) at each step count and eta, samples the teacher (DDIM, trailing
 spacing, its cells cached on disk), scores everything with the shipped evaluator, prints the table and
 writes ``<out_dir>/table.md``, ``results.json``, ``quality_vs_steps.png`` and ``grid.png``
-(``python -m tdd_lightning.eval`` does the same for exported LoRAs). Logged to wandb when it is a logger.
+(``python -m tdd_lightning.toy.eval`` does the same for exported LoRAs). Logged to wandb when it is a logger.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ class ToyEvaluation(L.Callback):
 
     def on_fit_start(self, trainer, pl_module):
         """Fail now, not after training, if the evaluator or the held-out data is missing."""
-        from tdd_lightning.run import UserError
+        from tdd_lightning.errors import UserError
 
         if not Path(self.evaluator, "config.json").is_file():
             raise UserError(f"callbacks.toy_eval.evaluator: no evaluator at {self.evaluator}")

@@ -1,6 +1,6 @@
 """Evaluate distilled students next to their teacher on the toy shapes task: table, plots, grids.
 
-    python -m tdd_lightning.eval --student TDD=logs/toy_tdd/runs/<time> --student LCM=<exported LoRA> \\
+    python -m tdd_lightning.toy.eval --student TDD=logs/toy_tdd/runs/<time> --student LCM=<exported LoRA> \\
         --steps 1 2 4 6 8 --eta 0 0.2 --guidance 1 2 --seeds 0 1 --out outputs/eval [--wandb]
 
 A student is ``NAME=PATH``: an exported LoRA (file or folder, ``python -m tdd_lightning.export``) or a
@@ -25,11 +25,9 @@ from pathlib import Path
 
 import torch
 
+from tdd_lightning.errors import UserError
+
 from tdd_lightning.toy.runner import Grid, Student, run_grid, write_report
-
-
-class EvalError(RuntimeError):
-    """Bad input: one line on stderr, exit code 1."""
 
 
 def resolve_student(spec: str, role: str = "student") -> tuple[str, Path]:
@@ -43,14 +41,14 @@ def resolve_student(spec: str, role: str = "student") -> tuple[str, Path]:
             name, raw = "=".join(parts[:i]), "=".join(parts[i:])
             break
     if not sep or not name or not raw:
-        raise EvalError(f"--student {spec!r}: write NAME=PATH (e.g. TDD=logs/toy_tdd/runs/<time>)")
+        raise UserError(f"--student {spec!r}: write NAME=PATH (e.g. TDD=logs/toy_tdd/runs/<time>)")
     path = Path(raw).expanduser()
     if (path / "checkpoints" / "last_lora").is_dir():
         path = path / "checkpoints" / "last_lora" / role
     try:
         return name, resolve_lora_file(path)
     except FileNotFoundError as e:
-        raise EvalError(f"--student {name}: {e}") from None
+        raise UserError(f"--student {name}: {e}") from None
 
 
 def group_students(specs: Sequence[str], seeds: Sequence[int], paired: bool, role: str) -> list[Student]:
@@ -89,14 +87,14 @@ def build_suite(a):
     from tdd_lightning.toy.suite import Suite
 
     if not Path(a.data, "heldout").is_dir():
-        raise EvalError(f"--data {a.data}: no held-out split there (run `make shapes`)")
+        raise UserError(f"--data {a.data}: no held-out split there (run `make shapes`)")
     try:
         return Suite.from_teacher(
             a.teacher, a.evaluator, a.data, n=a.n, ref_steps=a.ref_steps, ref_guidance=a.teacher_guidance,
             cache_dir=a.cache_dir, device=a.device,
         )  # fmt: skip
     except ModelNotFoundError as e:
-        raise EvalError(f"--teacher: {e}") from None
+        raise UserError(f"--teacher: {e}") from None
 
 
 def parser() -> argparse.ArgumentParser:
@@ -170,7 +168,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
 def cli() -> int:
     try:
         main()
-    except EvalError as e:
+    except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     return 0
