@@ -10,7 +10,9 @@ import lightning as L
 import torch
 
 from tdd_lightning.checkpoint_io import checkpoint_path
-from tdd_lightning.errors import UserError
+from tdd_lightning.diffusion import NoiseSchedule, add_noise, cfg_combine, ddim_jump, k_step_schedule
+from tdd_lightning.diffusion.sampling import guided, tdd_sample
+from tdd_lightning.errors import UserError, check
 from tdd_lightning.models.conditioning import (
     condition_from_batch,
     replace_where,
@@ -18,12 +20,9 @@ from tdd_lightning.models.conditioning import (
     unconditional_like,
     unet_eps,
 )
-from tdd_lightning.diffusion import NoiseSchedule, add_noise, cfg_combine, ddim_jump, k_step_schedule
 from tdd_lightning.models.dtypes import DTYPES
 from tdd_lightning.models.roles import SDXL_LORA_TARGETS, STUDENT, TARGET, LoRARoles
-from tdd_lightning.diffusion.sampling import guided, tdd_sample
 from tdd_lightning.strategies import DistillationLoss, Guidance, TargetSelection
-
 
 
 def to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -69,10 +68,15 @@ class TDDModule(L.LightningModule):
         max_nonfinite_steps: int = 10,
     ):
         super().__init__()
-        if not 0.0 <= ema_decay <= 1.0:
-            raise ValueError(f"module.ema_decay={ema_decay} must lie in [0, 1]")
-        if max_nonfinite_steps < 1:
-            raise ValueError(f"module.max_nonfinite_steps={max_nonfinite_steps} must be >= 1")
+        check(
+            isinstance(ema_decay, (int, float)) and 0.0 <= ema_decay <= 1.0,
+            "ema_decay", ema_decay, "must be a number in [0, 1]",
+        )  # fmt: skip
+        check(
+            isinstance(max_nonfinite_steps, int) and max_nonfinite_steps >= 1,
+            "max_nonfinite_steps", max_nonfinite_steps, "must be an integer >= 1",
+        )  # fmt: skip
+        ema_decay = float(ema_decay)
         self.max_nonfinite_steps = max_nonfinite_steps
         self.nonfinite_total = self.nonfinite_in_a_row = 0
         self._skip_update = False

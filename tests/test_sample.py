@@ -1,7 +1,6 @@
 """sample.py: a stock SDXL pipeline + an exported LoRA + TDDScheduler writes PNGs and a labelled grid."""
 
 import functools
-import importlib.util
 import json
 import os
 import re

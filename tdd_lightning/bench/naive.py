@@ -16,8 +16,8 @@ from contextlib import nullcontext
 
 import torch
 
-from tdd_lightning.models.conditioning import replace_where, unet_eps
 from tdd_lightning.diffusion import add_noise, cfg_combine, ddim_jump
+from tdd_lightning.models.conditioning import replace_where, unet_eps
 from tdd_lightning.models.roles import STUDENT, TARGET
 
 

@@ -24,7 +24,6 @@ import torch
 from tdd_lightning.models.dtypes import DTYPES
 
 
-
 def _out_name(url: str) -> str:
     name = url.rstrip("/").rsplit("/", 1)[-1]
     return name if name.endswith(".tar") else name + ".tar"

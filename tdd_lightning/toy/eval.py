@@ -26,7 +26,6 @@ from pathlib import Path
 import torch
 
 from tdd_lightning.errors import UserError
-
 from tdd_lightning.toy.runner import Grid, Student, run_grid, write_report
 
 

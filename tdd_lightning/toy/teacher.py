@@ -14,8 +14,8 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from tdd_lightning.models.conditioning import unet_eps
 from tdd_lightning.diffusion import NoiseSchedule
+from tdd_lightning.models.conditioning import unet_eps
 from tdd_lightning.toy.vae import cosine_lr
 
 

@@ -1,6 +1,7 @@
 """The train flow behind `python train.py`: build everything from the config, fit, return metrics.
 
-seed -> model check -> data -> strategies -> module -> callbacks, loggers -> trainer -> fit -> metrics.
+cheap checks (every knob, the strategies, the module, the checkpoint) -> model lookup -> data ->
+callbacks, loggers -> trainer -> fit -> metrics. Nothing heavy is touched before every knob is checked.
 """
 
 from __future__ import annotations
@@ -12,35 +13,18 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-from hydra.errors import InstantiationException
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from tdd_lightning.checkpoint_io import CheckpointError, check_checkpoint
-from tdd_lightning.models.loading import ModelNotFoundError, resolve_model_path
-from tdd_lightning.module import NonFiniteError, TDDModule
 from tdd_lightning.errors import ConfigError, UserError
-from tdd_lightning.training.validation import validate
+from tdd_lightning.models.loading import ModelNotFoundError, resolve_model_path
+from tdd_lightning.module import TDDModule
+from tdd_lightning.training.building import build, build_strategies, check_cheap
 
 log = logging.getLogger(__name__)
 # The base UNet stays in eval mode on purpose (no dropout in SDXL; teacher and target must be eval)
 warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode.*")
 warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\).*")
-
-
-def build(group: str, node: DictConfig | None, **kwargs) -> Any:
-    """Instantiate one config group; a bad value comes back as a message naming ``group.key``."""
-    if node is None:
-        return None
-    try:
-        return instantiate(node, **kwargs)
-    except InstantiationException as e:
-        cause = e.__cause__
-        if isinstance(cause, ConfigError):
-            raise UserError(str(cause.with_prefix(group))) from None
-        if isinstance(cause, (ValueError, FileNotFoundError, TypeError)):
-            raise UserError(f"{group}: {cause}") from None
-        raise
 
 
 def prepare_model(model_cfg: DictConfig) -> None:
@@ -61,20 +45,22 @@ def prepare_model(model_cfg: DictConfig) -> None:
         raise UserError(f"model.pretrained: {e}") from None
 
 
-def build_module(cfg: DictConfig) -> TDDModule:
+def build_module(cfg: DictConfig, strategies: dict[str, Any] | None = None) -> TDDModule:
+    """The LightningModule with its strategies; cheap (the UNet is loaded later, in configure_model)."""
+    strategies = strategies or build_strategies(cfg)
     module_cfg = cfg.get("module") or {}
-    ema_decay = float(module_cfg.get("ema_decay", 0.0))
-    return TDDModule(
-        model=OmegaConf.to_container(cfg.model, resolve=True),
-        target_selection=build("target_selection", cfg.target_selection),
-        guidance=build("guidance", cfg.guidance),
-        loss=build("loss", cfg.loss),
-        optimizer=build("optimizer", cfg.optimizer),
-        lr_scheduler=build("lr_scheduler", cfg.get("lr_scheduler")),
-        ema_decay=ema_decay,
-        seed=int(cfg.seed),
-        max_nonfinite_steps=int(module_cfg.get("max_nonfinite_steps", 10)),
-    )
+    try:
+        return TDDModule(
+            model=OmegaConf.to_container(cfg.model, resolve=True),
+            **strategies,
+            optimizer=build("optimizer", cfg.optimizer),
+            lr_scheduler=build("lr_scheduler", cfg.get("lr_scheduler")),
+            ema_decay=module_cfg.get("ema_decay", 0.0),
+            seed=int(cfg.seed),
+            max_nonfinite_steps=module_cfg.get("max_nonfinite_steps", 10),
+        )
+    except ConfigError as e:
+        raise e.with_prefix("module") from None
 
 
 def resolve_ckpt_path(cfg: DictConfig) -> str | None:
@@ -86,22 +72,28 @@ def resolve_ckpt_path(cfg: DictConfig) -> str | None:
     return str(last) if last.is_file() else None
 
 
-def check_config(cfg: DictConfig) -> None:
-    """Everything that can be checked before loading anything heavy."""
-    try:
-        validate(cfg)
-        if resolve_ckpt_path(cfg):
+def check_config(cfg: DictConfig) -> TDDModule:
+    """Everything that can be checked before loading anything heavy; returns the module, not yet loaded.
+
+    Every knob's range and type, the strategies and the module built (they check their own knobs), and a
+    resume checkpoint readable: all before the model is located, so a bad value never waits on a download.
+    """
+    module = build_module(cfg, check_cheap(cfg))
+    if resolve_ckpt_path(cfg):
+        try:
             check_checkpoint(resolve_ckpt_path(cfg))
-    except CheckpointError as e:
-        raise UserError(f"ckpt_path: {e}") from None
+        except CheckpointError as e:
+            raise UserError(f"ckpt_path: {e}") from None
+    return module
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
-    check_config(cfg)
+    # cheap checks first: every knob's range and type, the strategies built, the checkpoint readable
+    module = check_config(cfg)
     L.seed_everything(cfg.seed, workers=True)
+    # only then the model (located, or built when asked for) and the data
     prepare_model(cfg.model)
     datamodule = build("data", cfg.data)
-    module = build_module(cfg)
     callbacks = [build(f"callbacks.{k}", v) for k, v in (cfg.get("callbacks") or {}).items() if v]
     loggers = [build(f"logger.{k}", v) for k, v in (cfg.get("logger") or {}).items() if v]
     trainer: L.Trainer = build("trainer", cfg.trainer, callbacks=callbacks, logger=loggers or False)
@@ -110,10 +102,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
     for logger in loggers:
         logger.log_hyperparams(resolved)
 
-    try:
-        trainer.fit(module, datamodule=datamodule, ckpt_path=resolve_ckpt_path(cfg))
-    except NonFiniteError as e:
-        raise UserError(str(e)) from None
+    trainer.fit(
+        module, datamodule=datamodule, ckpt_path=resolve_ckpt_path(cfg)
+    )  # NonFiniteError: a UserError
 
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
     metrics["global_step"] = trainer.global_step

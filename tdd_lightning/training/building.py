@@ -1,0 +1,47 @@
+"""Build config groups with one-line errors, and the checks cheap enough to run before anything heavy.
+
+Light on purpose (omegaconf, hydra's instantiate and the strategies only; no Lightning, no diffusers):
+train.py runs ``check_cheap`` before it imports the training stack, so a bad strategy value is answered
+in seconds, before any model is looked up or downloaded.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+
+from tdd_lightning.errors import ConfigError, UserError
+from tdd_lightning.training.config_checks import check_node
+from tdd_lightning.training.validation import validate
+
+STRATEGY_GROUPS = ("target_selection", "guidance", "loss")
+
+
+def build(group: str, node: DictConfig | None, **kwargs) -> Any:
+    """Instantiate one config group; a bad key or value comes back as a message naming ``group.key``."""
+    if node is None:
+        return None
+    check_node(group, node)
+    try:
+        return instantiate(node, **kwargs)
+    except InstantiationException as e:
+        cause = e.__cause__
+        if isinstance(cause, ConfigError):
+            raise cause.with_prefix(group) from None
+        if isinstance(cause, (ValueError, FileNotFoundError, TypeError)):
+            raise UserError(f"{group}: {cause}") from None
+        raise
+
+
+def build_strategies(cfg: DictConfig) -> dict[str, Any]:
+    """Target selection, guidance and loss, built (so validated: each checks its own knobs)."""
+    return {group: build(group, cfg[group]) for group in STRATEGY_GROUPS}
+
+
+def check_cheap(cfg: DictConfig) -> dict[str, Any]:
+    """Every knob's range and type and the strategies built; returns the strategies."""
+    validate(cfg)
+    return build_strategies(cfg)
