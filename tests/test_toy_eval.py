@@ -129,8 +129,8 @@ def test_toy_tdd_prints_table_and_eval_cli_agrees(toy_data, tmp_path):
         "--teacher-steps", "2", "4", "--ref-steps", "4", "--data", str(shapes), "--out", str(ev),
         "--cache-dir", str(tmp_path / "cache"),
     ]  # fmt: skip
-    out = subprocess.run([sys.executable, "-m", "tdd_lightning.toy.eval", *args], capture_output=True, text=True,
-                         timeout=300, cwd=ROOT)  # fmt: skip
+    out = subprocess.run([sys.executable, "-m", "tdd_lightning.toy.eval", *args], capture_output=True,
+                         text=True, timeout=300, cwd=ROOT)  # fmt: skip
     assert out.returncode == 0, out.stderr[-3000:]
     cli = json.loads((ev / "results.json").read_text())["records"]
     from PIL import Image  # cached teacher cells still get their grid column
@@ -150,7 +150,8 @@ def test_eval_cli_errors(tmp_path):
     )  # fmt: skip
     assert out.returncode == 1 and "NAME=PATH" in out.stderr
     out = subprocess.run(
-        [sys.executable, "-m", "tdd_lightning.toy.eval", "--student", f"X={tmp_path}/no", "--out", str(tmp_path)],
+        [sys.executable, "-m", "tdd_lightning.toy.eval", "--student", f"X={tmp_path}/no",
+         "--out", str(tmp_path)],
         capture_output=True, text=True, timeout=120, cwd=ROOT,
     )  # fmt: skip
     assert out.returncode == 1 and "does not exist" in out.stderr

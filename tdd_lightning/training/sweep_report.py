@@ -1,4 +1,4 @@
-"""Tabulate the final metrics of a Hydra multirun: `python -m tdd_lightning.training.sweep_report <multirun dir>`.
+"""Tabulate a Hydra multirun's final metrics: `python -m tdd_lightning.training.sweep_report <multirun dir>`.
 
 Each job folder holds .hydra/overrides.yaml and the metrics.json that `train.py` writes at the end.
 Prints a markdown table (one row per job: the swept overrides, then the chosen metrics).
