@@ -51,7 +51,7 @@ def test_two_object_captions_match_attributes(two):
             f"a {s['size']} {s['color']} {s['shape']} {a['relation']} a {o['size']} {o['color']} {o['shape']}"
         )
         for obj in (s, o):
-            assert obj["radius"] >= 5.0  # TOY_NOTES: the toy autoencoder loses smaller shapes
+            assert obj["radius"] >= 5.0  # the toy autoencoder loses smaller shapes (docs/data.md)
             for c in (obj["cx"], obj["cy"]):  # inside the image (attributes rounded to 1e-3)
                 assert obj["radius"] - 1e-3 <= c <= 32 - obj["radius"] + 1e-3
         gap = s["radius"] + o["radius"] - 1e-3  # the two never overlap along the relation axis

@@ -177,7 +177,7 @@ def test_round_trip_eta_schedules_and_cfg(trained, tiny_sdxl_dir):
 
 
 def test_without_adapter_metadata_the_scale_is_wrong(trained, tiny_sdxl_dir, tmp_path):
-    """The trap the metadata avoids (STACK_NOTES): dropped, diffusers assumes alpha = rank."""
+    """The trap the metadata avoids (docs/export_and_sampling.md): dropped, diffusers assumes alpha = rank."""
     src = trained["files"]["student", "diffusers"]
     with safe_open(str(src), framework="pt") as f:
         meta = {k: v for k, v in f.metadata().items() if k != LORA_ADAPTER_METADATA_KEY}
