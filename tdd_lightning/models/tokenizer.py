@@ -72,7 +72,7 @@ def clip_vocab_and_merges(words: Iterable[str] = ()) -> tuple[dict[str, int], li
 
 
 def make_clip_tokenizer(words: Iterable[str] = (), model_max_length: int = 77):
-    """A ``CLIPTokenizer`` over a hand-made vocabulary (``model_max_length`` must be set, or the pipeline overflows)."""
+    """A ``CLIPTokenizer`` over a hand-made vocabulary (``model_max_length`` set, or pipelines overflow)."""
     from transformers import CLIPTokenizer
 
     vocab, merges = clip_vocab_and_merges(words)

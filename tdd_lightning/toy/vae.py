@@ -1,7 +1,8 @@
 """The toy autoencoder: a small diffusers AutoencoderKL trained on shapes images (32x32x3 -> 4x8x8).
 
-Loss (as measured to work on this task, models/toy-teacher/README.md): L1 + L2 reconstruction of a posterior sample plus a tiny KL weight, so the
-latent stays close to deterministic but bounded. The scaling factor is 1 / std of the latent modes.
+Loss (measured to work on this task; models/toy-teacher/README.md): L1 + L2 reconstruction of a
+posterior sample plus a tiny KL weight, so the latent stays close to deterministic but bounded. The
+scaling factor is 1 / std of the latent modes.
 """
 
 from __future__ import annotations
