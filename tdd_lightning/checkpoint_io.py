@@ -7,6 +7,8 @@ a kill -9 during a save leaves the previous checkpoint intact.
 from __future__ import annotations
 
 import os
+import pickle
+import re
 import zipfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -34,10 +36,17 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], object]) -> Pa
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """Lightning's torch checkpoint IO with write-then-rename saves."""
+    """Lightning's torch checkpoint IO with write-then-rename saves and pickle-free loads.
+
+    Loads always use ``weights_only=True``: a checkpoint is data (tensors, numbers, strings, dicts), never
+    code, so a crafted ``.ckpt`` (given as ``ckpt_path`` or planted as ``last.ckpt``) cannot run anything.
+    """
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
         atomic_write(path, lambda tmp: torch.save(checkpoint, tmp))
+
+    def load_checkpoint(self, path, map_location=None, weights_only: bool | None = None) -> dict[str, Any]:
+        return load_checkpoint(path)
 
 
 def checkpoint_path(trainer, name: str = "last.ckpt") -> Path:
@@ -55,8 +64,12 @@ class CheckpointError(UserError):
     """A checkpoint that is missing, unreadable or not a Lightning checkpoint (one-line reason)."""
 
 
-def load_checkpoint(path: str | os.PathLike, weights_only: bool = True) -> dict[str, Any]:
-    """Load a Lightning checkpoint on the CPU (memory-mapped) or raise CheckpointError."""
+def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """Load a Lightning checkpoint on the CPU (memory-mapped, ``weights_only``) or raise CheckpointError.
+
+    Only plain data is unpickled (torch's ``weights_only`` loader): a file that asks for any other object,
+    the way a crafted pickle runs code, is refused with one line.
+    """
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"checkpoint {path} does not exist")
@@ -73,7 +86,15 @@ def load_checkpoint(path: str | os.PathLike, weights_only: bool = True) -> dict[
             "torch.save archive)"
         )
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=weights_only, mmap=True)
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except pickle.UnpicklingError as e:
+        if "weights only" not in str(e).lower():
+            raise CheckpointError(f"checkpoint {path} cannot be read (corrupt pickle: {e})") from None
+        wanted = re.search(r"GLOBAL (\S+)", str(e))
+        raise CheckpointError(
+            f"checkpoint {path} holds objects other than tensors and plain data "
+            f"({wanted[1] if wanted else 'a Python object'}); refused: loading it could run code"
+        ) from None
     except Exception as e:  # RuntimeError, EOFError, UnpicklingError, ... for broken files
         reason = str(e).strip().splitlines()[0][:120] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"checkpoint {path} cannot be read (truncated or corrupt? {reason})") from None
@@ -84,7 +105,7 @@ def load_checkpoint(path: str | os.PathLike, weights_only: bool = True) -> dict[
 
 def check_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     """A checkpoint to resume from: readable, with a state_dict and a global_step."""
-    ckpt = load_checkpoint(path, weights_only=False)
+    ckpt = load_checkpoint(path)
     if "global_step" not in ckpt:
         raise CheckpointError(
             f"checkpoint {path} has no global_step: not a training checkpoint of this project"
