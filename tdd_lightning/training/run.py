@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import warnings
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,12 @@ from tdd_lightning.errors import ConfigError, UserError
 from tdd_lightning.models.loading import ModelNotFoundError, resolve_model_path
 from tdd_lightning.module import TDDModule
 from tdd_lightning.training.building import build, build_strategies, check_cheap
+from tdd_lightning.training.run_folder import (
+    RunFolderLock,
+    is_rank_zero,
+    newest_checkpoint,
+    refuse_fresh_run_over_checkpoints,
+)
 
 log = logging.getLogger(__name__)
 # The base UNet stays in eval mode on purpose (no dropout in SDXL; teacher and target must be eval)
@@ -64,12 +71,12 @@ def build_module(cfg: DictConfig, strategies: dict[str, Any] | None = None) -> T
 
 
 def resolve_ckpt_path(cfg: DictConfig) -> str | None:
-    """``ckpt_path=auto``: resume from this run folder's checkpoints/last.ckpt if it exists, else start."""
+    """``ckpt_path=auto``: resume from this run folder's newest checkpoint if it has one, else start."""
     path = cfg.get("ckpt_path")
     if path != "auto":
         return path
-    last = Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
-    return str(last) if last.is_file() else None
+    newest = newest_checkpoint(cfg.paths.output_dir)
+    return str(newest) if newest else None
 
 
 def check_config(cfg: DictConfig) -> TDDModule:
@@ -79,17 +86,27 @@ def check_config(cfg: DictConfig) -> TDDModule:
     resume checkpoint readable: all before the model is located, so a bad value never waits on a download.
     """
     module = build_module(cfg, check_cheap(cfg))
-    if resolve_ckpt_path(cfg):
+    ckpt_path = resolve_ckpt_path(cfg)
+    if ckpt_path:
         try:
-            check_checkpoint(resolve_ckpt_path(cfg))
+            check_checkpoint(ckpt_path)
         except CheckpointError as e:
             raise UserError(f"ckpt_path: {e}") from None
+    elif is_rank_zero():
+        refuse_fresh_run_over_checkpoints(cfg.paths.output_dir)
     return module
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
     # cheap checks first: every knob's range and type, the strategies built, the checkpoint readable
     module = check_config(cfg)
+    owner = RunFolderLock(cfg.paths.output_dir) if is_rank_zero() else nullcontext()
+    with owner:  # one run per folder (rank 0 holds the lock for the job)
+        return fit(cfg, module)
+
+
+def fit(cfg: DictConfig, module: TDDModule) -> dict[str, float]:
+    """Locate the model, build data, callbacks, loggers and the trainer; fit; write metrics.json."""
     L.seed_everything(cfg.seed, workers=True)
     # only then the model (located, or built when asked for) and the data
     prepare_model(cfg.model)
@@ -102,9 +119,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     for logger in loggers:
         logger.log_hyperparams(resolved)
 
-    trainer.fit(
-        module, datamodule=datamodule, ckpt_path=resolve_ckpt_path(cfg)
-    )  # NonFiniteError: a UserError
+    trainer.fit(module, datamodule=datamodule, ckpt_path=resolve_ckpt_path(cfg))
 
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
     metrics["global_step"] = trainer.global_step
