@@ -22,7 +22,7 @@ from tdd_lightning.diffusion import NoiseSchedule, add_noise, cfg_combine, ddim_
 from tdd_lightning.models.dtypes import DTYPES
 from tdd_lightning.models.roles import SDXL_LORA_TARGETS, STUDENT, TARGET, LoRARoles
 from tdd_lightning.diffusion.sampling import guided, tdd_sample
-from tdd_lightning.strategies import DistillationLoss, Guidance, TargetSelection
+from tdd_lightning.strategies import DistillationLoss, Guidance, TargetSelection, inference_hparams
 
 
 
@@ -88,6 +88,7 @@ class TDDModule(L.LightningModule):
                 "loss": vars(loss),
                 "ema_decay": ema_decay,
                 "seed": seed,
+                **inference_hparams(target_selection, guidance),  # what the exported LoRA carries
             }
         )
         self.strict_loading = False  # checkpoints hold the LoRA tensors only, not the frozen base
