@@ -33,6 +33,7 @@ import torch
 
 from tdd_lightning.checkpoint_io import CheckpointError, atomic_write, load_checkpoint
 from tdd_lightning.models.dtypes import DTYPES
+from tdd_lightning.strategies.inference import recorded_inference
 
 ROLES = ("student", "target")
 FORMATS = ("diffusers", "kohya")
@@ -137,30 +138,12 @@ def kohya_state_dict(tensors: Mapping[str, torch.Tensor], alpha: float) -> dict[
 
 
 # ---- metadata --------------------------------------------------------------------------------------
-def trained_scheduler_config(selection: Mapping[str, Any]) -> dict[str, Any]:
-    """TDDScheduler config keys matching the training grid and the jumps it trained."""
-    N = int(selection.get("N", 250))
-    if "K" in selection:
-        k_min, k_max = (int(k) for k in selection["K"])
-    elif "phases" in selection:  # PCM trains exactly the P-step schedule
-        k_min = k_max = int(selection["phases"])
-    else:
-        k_min, k_max = min(4, N), min(8, N)
-    # the eta the model learned: TDD's s_ratio; TCD trains every earlier s; LCM / PCM none
-    s_ratio = float(selection.get("s_ratio", 1.0 if selection.get("name") == "tcd" else 0.0))
-    return {"num_teacher_steps": N, "k_min": k_min, "k_max": k_max, "trained_s_ratio": s_ratio}
-
-
 def tdd_metadata(ckpt: Mapping[str, Any], role: str, spec: LoRASpec) -> dict[str, str]:
     """Flat ``tdd.*`` safetensors metadata (strings; structured values as JSON)."""
     hp = ckpt.get("hyper_parameters") or {}
     selection = dict(hp.get("target_selection") or {})
     guidance = dict(hp.get("guidance") or {})
-    scheduler = trained_scheduler_config(selection)
-    eta = min(0.2, scheduler["trained_s_ratio"])  # ALGORITHM.md 4: 0.2 recommended, within s_ratio
-    scheduler["eta"] = eta
-    # decoupled guidance (captions dropped in training) makes a normal CFG on top meaningful
-    guidance_scale = 1.7 if float(guidance.get("p_empty", 0.0)) > 0 else 1.0
+    schedule, guidance_scale = recorded_inference(hp)  # what the strategies recorded in training
     meta = {
         "tdd.format_version": METADATA_VERSION,
         "tdd.role": role,
@@ -171,10 +154,8 @@ def tdd_metadata(ckpt: Mapping[str, Any], role: str, spec: LoRASpec) -> dict[str
         "tdd.global_step": str(ckpt.get("global_step", "")),
         "tdd.scheduler": "TDDScheduler",
         "tdd.scheduler_module": "tdd_lightning.scheduling_tdd",
-        "tdd.scheduler_config": json.dumps(scheduler),
-        "tdd.recommended": json.dumps(
-            {"num_inference_steps": scheduler["k_min"], "eta": eta, "guidance_scale": guidance_scale}
-        ),
+        "tdd.scheduler_config": json.dumps(schedule.scheduler_config()),
+        "tdd.recommended": json.dumps(schedule.recommended(guidance_scale)),
         "tdd.uncond": str(guidance.get("uncond", "zeros")),
         "tdd.target_selection": json.dumps(selection),
         "tdd.guidance": json.dumps(guidance),

@@ -22,7 +22,12 @@ from tdd_lightning.models.conditioning import (
 )
 from tdd_lightning.models.dtypes import DTYPES
 from tdd_lightning.models.roles import SDXL_LORA_TARGETS, STUDENT, TARGET, LoRARoles
+<<<<<<< HEAD
 from tdd_lightning.strategies import DistillationLoss, Guidance, TargetSelection
+=======
+from tdd_lightning.diffusion.sampling import guided, tdd_sample
+from tdd_lightning.strategies import DistillationLoss, Guidance, TargetSelection, inference_hparams
+>>>>>>> h-a
 
 
 def to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -92,6 +97,7 @@ class TDDModule(L.LightningModule):
                 "loss": vars(loss),
                 "ema_decay": ema_decay,
                 "seed": seed,
+                **inference_hparams(target_selection, guidance),  # what the exported LoRA carries
             }
         )
         self.strict_loading = False  # checkpoints hold the LoRA tensors only, not the frozen base

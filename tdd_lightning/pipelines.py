@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from tdd_lightning.export import DIFFUSERS_WEIGHT_NAME, KOHYA_WEIGHT_NAME, read_metadata
+from tdd_lightning.strategies.inference import RECOMMENDED
 
 DEFAULT_ADAPTER = "tdd"
 # keys of the LoRA's ``tdd.scheduler_config`` that are TDDScheduler config keys
@@ -115,12 +116,13 @@ def load_tdd_pipeline(
 
 
 def recommended_call_kwargs(metadata: dict[str, Any]) -> dict[str, Any]:
-    """``num_inference_steps``, ``eta`` and ``guidance_scale`` recommended by the LoRA's metadata."""
+    """``num_inference_steps``, ``eta`` and ``guidance_scale`` recommended by the LoRA's metadata (for a
+    LoRA without them: the recommended steps and eta, and no CFG, since it may not know the unconditional)."""
     rec = metadata.get("recommended") or {}
     return {
-        "num_inference_steps": int(rec.get("num_inference_steps", 4)),
-        "eta": float(rec.get("eta", 0.2)),
-        "guidance_scale": float(rec.get("guidance_scale", 1.0)),
+        "num_inference_steps": int(rec.get("num_inference_steps", RECOMMENDED.steps)),
+        "eta": float(rec.get("eta", RECOMMENDED.eta)),
+        "guidance_scale": float(rec.get("guidance_scale", RECOMMENDED.guidance_scale_without_dropout)),
     }
 
 

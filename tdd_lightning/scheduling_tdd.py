@@ -24,83 +24,20 @@ from diffusers.configuration_utils import register_to_config
 from diffusers.utils import BaseOutput
 
 from tdd_lightning.diffusion import (
+    SCHEDULES,
     NoiseSchedule,
     alphas_cumprod_from_config,
     ddim_jump,
     eps_to_x0,
-    k_step_schedule,
     target_set,
+    tdd_timesteps,
     x0_to_eps,
 )
 from tdd_lightning.diffusion import add_noise as forward_noise
+from tdd_lightning.strategies.inference import RECOMMENDED
 
-SCHEDULES = ("auto", "nonequidistant", "equidistant")
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 Generators = torch.Generator | list[torch.Generator] | None
-
-
-def nonequidistant_schedule(
-    num_inference_steps: int, k_min: int, k_max: int, num_steps: int, num_train_timesteps: int = 1000
-) -> list[int]:
-    """A K-step schedule for K_min <= K <= K_max: short jumps at high noise first, every point in M u {T-1}.
-
-    Take the first p points of the K_max schedule, then the K_min schedule's points below the last of
-    them, with the longest prefix p that gives exactly K points. Defaults (N=250, K 4..8):
-    K=5: 999 875 751 499 251; K=6: 999 875 751 627 499 251; K=7: 999 875 751 627 499 375 251;
-    K=K_min and K=K_max give their equidistant schedules.
-    """
-    K = num_inference_steps
-    if not k_min <= K <= k_max:
-        raise ValueError(f"non-equidistant schedules exist for K in [{k_min}, {k_max}] only, got K={K}")
-    fine = k_step_schedule(k_max, num_steps, num_train_timesteps)
-    coarse = k_step_schedule(k_min, num_steps, num_train_timesteps)
-    if K in (k_min, k_max):
-        return coarse if K == k_min else fine
-    chosen = None
-    for p in range(1, k_max + 1):
-        points = fine[:p] + [t for t in coarse if t < fine[p - 1]]
-        if len(points) == K:
-            chosen = points
-    # The length changes by at most one per p and runs from K_min to K_max, so every K is reached.
-    assert chosen is not None, f"no non-equidistant schedule for K={K}"
-    return chosen
-
-
-def tdd_timesteps(
-    num_inference_steps: int,
-    k_min: int,
-    k_max: int,
-    num_steps: int,
-    num_train_timesteps: int = 1000,
-    schedule: str = "auto",
-) -> list[int]:
-    """The inference timesteps for K steps (descending, starting at T-1).
-
-    ``equidistant``: the K-step schedule of the grid (ALGORITHM.md section 1) for any K.
-    ``nonequidistant``: :func:`nonequidistant_schedule`; K outside [K_min, K_max] is an error.
-    ``auto``: non-equidistant inside [K_min, K_max], equidistant outside. K outside the trained range
-    warns (those points were not all trained as targets).
-    """
-    K = int(num_inference_steps)
-    if schedule not in SCHEDULES:
-        raise ValueError(f"schedule={schedule!r} is not one of {SCHEDULES}")
-    if not 1 <= K <= num_steps:
-        raise ValueError(f"num_inference_steps={K} must lie in [1, num_teacher_steps={num_steps}]")
-    inside = k_min <= K <= k_max
-    if schedule == "nonequidistant" and not inside:
-        raise ValueError(
-            f"schedule='nonequidistant' needs K in [{k_min}, {k_max}], got K={K}; "
-            "use schedule='auto' or 'equidistant' for other step counts"
-        )
-    if not inside:
-        warnings.warn(
-            f"TDDScheduler: {K} steps is outside the trained range [{k_min}, {k_max}]; using the "
-            "equidistant grid schedule, whose jumps the model was not trained on",
-            stacklevel=3,
-        )
-    if schedule == "equidistant" or not inside:
-        return k_step_schedule(K, num_steps, num_train_timesteps)
-    return nonequidistant_schedule(K, k_min, k_max, num_steps, num_train_timesteps)
 
 
 def _randn_like(x: torch.Tensor, generator: Generators) -> torch.Tensor:
@@ -160,7 +97,7 @@ class TDDScheduler(SchedulerMixin, ConfigMixin):
         k_min: int = 4,
         k_max: int = 8,
         schedule: str = "auto",
-        eta: float = 0.2,
+        eta: float = RECOMMENDED.eta,
         trained_s_ratio: float = 0.3,
         clip_sample: bool = False,
         clip_sample_range: float = 1.0,

@@ -12,6 +12,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from tdd_lightning.checkpoint_io import load_checkpoint
 from tdd_lightning.data.synthetic import SyntheticDataModule
 from tdd_lightning.export import (
     DIFFUSERS_WEIGHT_NAME,
@@ -238,11 +239,22 @@ def test_metadata(trained):
             "eta": 0.2,
         }
         assert meta["recommended"] == {"num_inference_steps": 4, "eta": 0.2, "guidance_scale": 1.7}
-        assert meta["target_selection"]["name"] == "tdd" and meta["target_selection"]["W"] == 260
+        assert meta["target_selection"] == TDDSelection().describe()  # name tdd, N 250, K 4..8, W 260, ...
         assert meta["guidance"]["p_empty"] == 0.2 and meta["uncond"] == "zeros"
         assert meta["global_step"] == 4 and meta["ema_decay"] == 0.5
     scheduler = tdd_scheduler(TDDScheduler().config, meta, eta=0.1)
     assert (scheduler.config.k_min, scheduler.config.k_max, scheduler.config.eta) == (4, 8, 0.1)
+
+
+def test_checkpoint_without_a_recorded_schedule_exports_the_same(trained, tmp_path):
+    """Checkpoints written before TDDModule recorded the inference schedule: the same metadata, derived
+    from the strategy descriptions they hold."""
+    ckpt = load_checkpoint(trained["ckpt"])
+    hp = ckpt["hyper_parameters"]
+    assert hp["inference_schedule"]["k_min"] == 4 and hp["recommended_guidance_scale"] == 1.7
+    del hp["inference_schedule"], hp["recommended_guidance_scale"]
+    old = export_lora(ckpt, tmp_path, roles="student", formats="diffusers")["student", "diffusers"]
+    assert read_metadata(old) == read_metadata(trained["files"]["student", "diffusers"])
 
 
 def test_scheduler_from_a_pipeline_config_keeps_only_its_real_values(tiny_components, trained):

@@ -10,6 +10,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from tdd_lightning.errors import UserError
 from tdd_lightning.training.run import resolve_ckpt_path, train
@@ -79,3 +80,31 @@ def test_fresh_run_over_checkpoints_is_refused_and_auto_resumes(tiny_sdxl_dir, t
 def test_train_refuses_a_folder_another_run_holds(tiny_sdxl_dir, tmp_path):
     with RunFolderLock(tmp_path / "run"), pytest.raises(UserError, match="is in use by pid"):
         train(compose_cfg(smoke(tiny_sdxl_dir), tmp_path / "run"))
+
+
+class _FailsAtStep(__import__("lightning").Callback):
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step == self.step:
+            raise RuntimeError("boom")
+
+
+def test_a_crash_in_the_loop_saves_the_state_and_auto_resumes_it(tiny_sdxl_dir, tmp_path):
+    """Issue 14, item 6: a late error costs at most the current step."""
+    out = tmp_path / "run"
+    overrides = smoke(
+        tiny_sdxl_dir, "trainer.max_steps=4", "callbacks.model_checkpoint.every_n_train_steps=100"
+    )
+    overrides += [
+        "+callbacks.crash._target_=tdd_lightning.training.callbacks.CrashCheckpoint",
+        "+callbacks.fails._target_=tests.test_run_folder._FailsAtStep", "+callbacks.fails.step=3",
+    ]  # fmt: skip
+    with pytest.raises(RuntimeError, match="boom"):
+        train(compose_cfg(overrides, out))
+    crash = out / "checkpoints" / "crash.ckpt"
+    assert torch.load(crash, weights_only=True)["global_step"] == 3
+    overrides = [o for o in overrides if "fails" not in o] + ["ckpt_path=auto"]
+    assert resolve_ckpt_path(compose_cfg(overrides, out)) == str(crash)
+    assert train(compose_cfg(overrides, out))["global_step"] == 4

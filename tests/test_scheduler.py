@@ -6,9 +6,16 @@ import pytest
 import torch
 from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
 
-from tdd_lightning.diffusion import NoiseSchedule, ddim_jump, eps_to_x0, k_step_schedule, target_set
+from tdd_lightning.diffusion import (
+    NoiseSchedule,
+    ddim_jump,
+    eps_to_x0,
+    k_step_schedule,
+    nonequidistant_schedule,
+    target_set,
+)
 from tdd_lightning.models.tiny import SDXL_SCHEDULER
-from tdd_lightning.scheduling_tdd import TDDScheduler, TDDSchedulerOutput, nonequidistant_schedule
+from tdd_lightning.scheduling_tdd import TDDScheduler, TDDSchedulerOutput
 
 EQUIDISTANT = {
     4: [999, 751, 499, 251],

@@ -45,8 +45,8 @@ def test_shipped_files_are_small():
 
 def test_teacher_loads_and_samples(teacher):
     from tdd_lightning.data.shapes import SHAPES_VOCAB
-    from tdd_lightning.diffusion import NoiseSchedule
-    from tdd_lightning.toy.sampling import encode_prompts, initial_noise, sample_images, trailing_timesteps
+    from tdd_lightning.diffusion import NoiseSchedule, trailing_timesteps
+    from tdd_lightning.toy.sampling import encode_prompts, initial_noise, sample_images
 
     assert teacher.unet.config.sample_size == 8 and teacher.vae.config.latent_channels == 4
     ids = teacher.tokenizer(" ".join(SHAPES_VOCAB)).input_ids
@@ -88,9 +88,9 @@ def test_evaluator_is_near_chance_on_noise(evaluator, heldout):
 
 
 def test_frechet_distance_and_labels():
+    from tdd_lightning.diffusion import trailing_timesteps
     from tdd_lightning.toy.data import canonical_labels
     from tdd_lightning.toy.metrics import frechet_distance
-    from tdd_lightning.toy.sampling import trailing_timesteps
 
     f = torch.randn(500, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     assert abs(frechet_distance(f, f)) < 1e-6

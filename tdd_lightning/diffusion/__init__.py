@@ -1,4 +1,5 @@
-"""Pure tensor maths of diffusion and TDD (no Lightning, no Hydra). See docs/ALGORITHM.md."""
+"""Pure tensor maths of diffusion and TDD (no Lightning, no Hydra): noise schedule, grids and inference
+timestep schedules, DDIM jump, CFG, losses, the few-step sampler. See docs/ALGORITHM.md."""
 
 from tdd_lightning.diffusion.grids import k_step_schedule, target_set, teacher_grid
 from tdd_lightning.diffusion.losses import LOSSES, l2_loss, pseudo_huber_loss
@@ -12,10 +13,17 @@ from tdd_lightning.diffusion.ops import (
     x0_to_eps,
 )
 from tdd_lightning.diffusion.schedule import NoiseSchedule, alphas_cumprod_from_config
+from tdd_lightning.diffusion.timesteps import (
+    SCHEDULES,
+    nonequidistant_schedule,
+    tdd_timesteps,
+    trailing_timesteps,
+)
 
 __all__ = [
     "LOSSES",
     "NoiseSchedule",
+    "SCHEDULES",
     "add_noise",
     "alphas_cumprod_from_config",
     "boundary_scalings",
@@ -25,8 +33,11 @@ __all__ = [
     "k_step_schedule",
     "l2_loss",
     "lcm_consistency",
+    "nonequidistant_schedule",
     "pseudo_huber_loss",
     "target_set",
+    "tdd_timesteps",
     "teacher_grid",
+    "trailing_timesteps",
     "x0_to_eps",
 ]

@@ -1,4 +1,5 @@
-"""Swappable pieces of the training step: target selection, guidance, loss (one Hydra group each)."""
+"""Swappable pieces of the training step: target selection, guidance, loss (one Hydra group each), and
+what a LoRA trained with them is sampled with (``inference``)."""
 
 from tdd_lightning.strategies.base import ConfigError
 from tdd_lightning.strategies.guidance import (
@@ -7,6 +8,12 @@ from tdd_lightning.strategies.guidance import (
     GuidanceDraw,
     LCMRangeGuidance,
     NoGuidance,
+)
+from tdd_lightning.strategies.inference import (
+    RECOMMENDED,
+    InferenceSchedule,
+    inference_hparams,
+    recorded_inference,
 )
 from tdd_lightning.strategies.loss import DistillationLoss
 from tdd_lightning.strategies.target_selection import (
@@ -18,11 +25,13 @@ from tdd_lightning.strategies.target_selection import (
 )
 
 __all__ = [
+    "RECOMMENDED",
     "ConfigError",
     "DecoupledGuidance",
     "DistillationLoss",
     "Guidance",
     "GuidanceDraw",
+    "InferenceSchedule",
     "LCMRangeGuidance",
     "LCMSelection",
     "NoGuidance",
@@ -30,4 +39,6 @@ __all__ = [
     "TCDSelection",
     "TDDSelection",
     "TargetSelection",
+    "inference_hparams",
+    "recorded_inference",
 ]

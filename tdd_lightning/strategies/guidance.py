@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from tdd_lightning.strategies.base import check, uniform
+from tdd_lightning.strategies.inference import guidance_scale_for
 
 UNCOND_CONVENTIONS = ("zeros", "empty_prompt")
 
@@ -36,6 +37,11 @@ class Guidance:
     def uses_cfg(self) -> bool:
         """Whether the teacher ever needs an unconditional branch."""
         return True
+
+    def recommended_guidance_scale(self) -> float:
+        """The CFG scale to sample a LoRA trained with this guidance at: a normal CFG on top when
+        captions were dropped in training (the student learned the unconditional branch), else none."""
+        return guidance_scale_for(self.p_empty)
 
     def sample_w(self, n: int, generator: torch.Generator | None) -> torch.Tensor:
         raise NotImplementedError

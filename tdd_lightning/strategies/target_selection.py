@@ -4,8 +4,9 @@ Every strategy has the same two calls:
 - ``sample_times(batch_size, generator)`` -> (t, t'): start time on the teacher grid and the teacher's
   end time t' = max(t - T/N, 0);
 - ``select(t_prime, generator)`` -> s: the target time;
-and one parameterisation, ``consistency(x, eps, t, s, schedule)``: the map from (x at t, predicted eps)
-to the point the student and the target are compared at.
+one parameterisation, ``consistency(x, eps, t, s, schedule)``: the map from (x at t, predicted eps)
+to the point the student and the target are compared at; and ``inference_schedule()``: the scheduler
+settings a LoRA trained with it carries (grid, step range, trained s_ratio, recommended steps and eta).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from tdd_lightning.diffusion import (
     teacher_grid,
 )
 from tdd_lightning.strategies.base import check, randint, uniform
+from tdd_lightning.strategies.inference import InferenceSchedule
 
 
 class TargetSelection:
@@ -59,6 +61,11 @@ class TargetSelection:
         a_t, sigma_t = schedule.a_sigma(t, x)
         a_s, sigma_s = schedule.a_sigma(s, x)
         return ddim_jump(x, eps, a_t, sigma_t, a_s, sigma_s)
+
+    def inference_schedule(self) -> InferenceSchedule:
+        """The schedule a LoRA trained with this strategy is sampled with. Base: the default step range
+        on the grid, no eta jumps trained (LCM)."""
+        return InferenceSchedule.default_range(self.N, trained_s_ratio=0.0)
 
     def describe(self) -> dict:
         return {"name": self.name, "N": self.N, "parameterisation": self.parameterisation}
@@ -104,6 +111,10 @@ class TDDSelection(TargetSelection):
         tau = M[lo + (u_tau * width).long().clamp(max=(width - 1).long())]
         u = uniform(n, generator, t_prime.device)
         return torch.floor((1.0 - u * self.s_ratio) * tau.double()).long()
+
+    def inference_schedule(self) -> InferenceSchedule:
+        """The trained range K_min..K_max; eta up to the gamma offset s_ratio was trained."""
+        return InferenceSchedule.trained(self.N, self.k_min, self.k_max, self.s_ratio)
 
     def describe(self) -> dict:
         return super().describe() | {"K": [self.k_min, self.k_max], "W": self.window, "s_ratio": self.s_ratio}
@@ -154,6 +165,10 @@ class TCDSelection(TargetSelection):
         idx = (u * count.double()).long().clamp(max=count - 1)
         return points[idx]
 
+    def inference_schedule(self) -> InferenceSchedule:
+        """The default step range; every earlier s was trained, so any eta was (s_ratio 1)."""
+        return InferenceSchedule.default_range(self.N, trained_s_ratio=1.0)
+
 
 class PCMSelection(TargetSelection):
     """PCM: P phases with edges on the P-step schedule; s = lower edge of the phase that contains t.
@@ -175,6 +190,10 @@ class PCMSelection(TargetSelection):
         # t = t' + k on the grid; phase lower edge = the largest edge strictly below t, i.e. <= t'
         edges = self.edges.to(t_prime.device)
         return edges[torch.searchsorted(edges, t_prime, right=True) - 1]
+
+    def inference_schedule(self) -> InferenceSchedule:
+        """Exactly the P-step schedule (the phase edges); no eta jumps trained."""
+        return InferenceSchedule.trained(self.N, self.P, self.P, 0.0)
 
     def describe(self) -> dict:
         return super().describe() | {"phases": self.P}

@@ -53,8 +53,8 @@ class ToyEvaluation(L.Callback):
 
     @torch.no_grad()
     def evaluate(self, trainer, pl_module) -> str:
-        from tdd_lightning.export import trained_scheduler_config
         from tdd_lightning.pipelines import tdd_scheduler
+        from tdd_lightning.strategies import recorded_inference
         from tdd_lightning.toy.runner import Grid, Student, run_grid, write_report
         from tdd_lightning.toy.suite import Suite
 
@@ -70,7 +70,8 @@ class ToyEvaluation(L.Callback):
             device=pl_module.device,
         )
         selection = pl_module.hparams["target_selection"]
-        scheduler = tdd_scheduler({}, {"scheduler_config": trained_scheduler_config(selection)})
+        schedule, _ = recorded_inference(pl_module.hparams)  # what the exported LoRA would carry
+        scheduler = tdd_scheduler({}, {"scheduler_config": schedule.scheduler_config()})
         grid = Grid(
             self.steps,
             self.etas,

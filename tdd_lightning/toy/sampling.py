@@ -6,15 +6,10 @@ import torch
 
 from tdd_lightning.diffusion import NoiseSchedule
 from tdd_lightning.diffusion.sampling import guided, tdd_sample
+from tdd_lightning.diffusion.timesteps import trailing_timesteps as trailing_timesteps  # re-exported
 from tdd_lightning.toy.data import to_uint8
 
 IMAGE_SIZE = 32
-
-
-def trailing_timesteps(num_steps: int, num_train_timesteps: int = 1000) -> list[int]:
-    """diffusers' ``timestep_spacing="trailing"``: k=4 -> [999, 749, 499, 249]; always starts at T-1."""
-    T = num_train_timesteps
-    return [round(T - i * T / num_steps) - 1 for i in range(num_steps)]
 
 
 @torch.no_grad()

@@ -3,9 +3,10 @@
 (The toy's end-of-training evaluation lives with the toy: ``tdd_lightning.toy.callback``.)
 """
 
+from tdd_lightning.training.callbacks.crash import CrashCheckpoint
 from tdd_lightning.training.callbacks.export import LoRAExport
 from tdd_lightning.training.callbacks.grid import SampleGrid
 from tdd_lightning.training.callbacks.monitors import SamplesPerSecond, TimeHistograms
 from tdd_lightning.training.callbacks.preemption import Preemption
 
-__all__ = ["LoRAExport", "Preemption", "SampleGrid", "SamplesPerSecond", "TimeHistograms"]
+__all__ = ["CrashCheckpoint", "LoRAExport", "Preemption", "SampleGrid", "SamplesPerSecond", "TimeHistograms"]
