@@ -22,12 +22,7 @@ from tdd_lightning.models.conditioning import (
 )
 from tdd_lightning.models.dtypes import DTYPES
 from tdd_lightning.models.roles import SDXL_LORA_TARGETS, STUDENT, TARGET, LoRARoles
-<<<<<<< HEAD
-from tdd_lightning.strategies import DistillationLoss, Guidance, TargetSelection
-=======
-from tdd_lightning.diffusion.sampling import guided, tdd_sample
 from tdd_lightning.strategies import DistillationLoss, Guidance, TargetSelection, inference_hparams
->>>>>>> h-a
 
 
 def to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
