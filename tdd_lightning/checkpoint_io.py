@@ -6,6 +6,7 @@ a kill -9 during a save leaves the previous checkpoint intact.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import pickle
 import re
@@ -35,6 +36,33 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], object]) -> Pa
     return path
 
 
+CHECKSUM_KEY = "tensor_checksum"  # blake2b of every tensor in the checkpoint (AtomicCheckpointIO writes it)
+
+
+def tensor_checksum(obj: Any) -> str:
+    """blake2b of every tensor in ``obj`` (dicts walked in sorted key order): dtype, shape and bytes.
+
+    Bit flips in storage or transfer change it; the top-level checksum entry itself is left out.
+    """
+    digest = hashlib.blake2b(digest_size=16)
+
+    def walk(o: Any, where: str) -> None:
+        if isinstance(o, torch.Tensor):
+            t = o.detach().cpu().contiguous()
+            digest.update(f"{where}|{t.dtype}|{tuple(t.shape)}|".encode())
+            digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        elif isinstance(o, Mapping):
+            for k in sorted(o, key=str):
+                if not (where == "" and k == CHECKSUM_KEY):
+                    walk(o[k], f"{where}/{k}")
+        elif isinstance(o, (list, tuple)):
+            for i, v in enumerate(o):
+                walk(v, f"{where}[{i}]")
+
+    walk(obj, "")
+    return digest.hexdigest()
+
+
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Lightning's torch checkpoint IO with write-then-rename saves and pickle-free loads.
 
@@ -43,6 +71,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     """
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
+        checkpoint = {**checkpoint, CHECKSUM_KEY: tensor_checksum(checkpoint)}
         atomic_write(path, lambda tmp: torch.save(checkpoint, tmp))
 
     def load_checkpoint(self, path, map_location=None, weights_only: bool | None = None) -> dict[str, Any]:
@@ -100,6 +129,11 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         raise CheckpointError(f"checkpoint {path} cannot be read (truncated or corrupt? {reason})") from None
     if not isinstance(ckpt, Mapping) or "state_dict" not in ckpt:
         raise CheckpointError(f"checkpoint {path} is not a Lightning checkpoint (no 'state_dict')")
+    if CHECKSUM_KEY in ckpt and tensor_checksum(ckpt) != ckpt[CHECKSUM_KEY]:
+        raise CheckpointError(
+            f"checkpoint {path} fails its tensor checksum: its contents changed after it was written "
+            "(disk or copy error); use another checkpoint"
+        )
     return dict(ckpt)
 
 

@@ -99,6 +99,17 @@ def lora_tensors(state_dict: Mapping[str, torch.Tensor], role: str) -> dict[str,
     return dict(sorted(out.items()))
 
 
+def check_finite(tensors: Mapping[str, torch.Tensor], role: str, dtype: str | None = None) -> None:
+    """CheckpointError if a LoRA tensor holds NaN or Inf: such a file samples black images, silently."""
+    bad = [k for k, v in tensors.items() if not bool(torch.isfinite(v).all())]
+    if bad:
+        cast = f" after the cast to {dtype} (out of its range)" if dtype else ""
+        raise CheckpointError(
+            f"{len(bad)} of the {role} LoRA tensors hold NaN or Inf{cast} (first: {bad[0]}); refusing to "
+            "export a LoRA that samples garbage: export an earlier checkpoint (e.g. last_good.ckpt)"
+        )
+
+
 def lora_spec(ckpt: Mapping[str, Any], tensors: Mapping[str, torch.Tensor] | None = None) -> LoRASpec:
     """Rank, alpha and target modules from the checkpoint's hyper-parameters (alpha None = rank)."""
     from tdd_lightning.models.roles import SDXL_LORA_TARGETS
@@ -223,6 +234,7 @@ def export_lora(
         tensors = lora_tensors(state_dict, role)
         if dtype is not None:
             tensors = {k: v.to(DTYPES[dtype]) for k, v in tensors.items()}
+        check_finite(tensors, role, dtype)
         spec = lora_spec(ckpt, tensors)
         meta = tdd_metadata(ckpt, role, spec)
         folder = Path(out_dir) / role

@@ -86,3 +86,35 @@ def test_a_real_training_checkpoint_still_loads(tmp_path):
     }
     torch.save(ckpt, tmp_path / "ok.ckpt")
     assert check_checkpoint(tmp_path / "ok.ckpt")["global_step"] == 5
+
+
+def test_a_bit_flip_in_a_saved_checkpoint_is_caught_on_load(tmp_path):
+    """Issue 14, item 12: the tensor checksum written with every checkpoint is verified by every reader."""
+    marker = torch.arange(4096, dtype=torch.int32) * 7919  # a byte pattern easy to find in the file
+    ckpt = {"state_dict": {"unet.a.lora_A.student.weight": marker.float()}, "global_step": 2, "m": marker}
+    path = tmp_path / "c.ckpt"
+    AtomicCheckpointIO().save_checkpoint(ckpt, path)
+    assert load_checkpoint(path)["global_step"] == 2  # intact: verified and loaded
+    data = bytearray(path.read_bytes())
+    at = data.find(marker.numpy().tobytes()) + 1000
+    data[at] ^= 0x01
+    path.write_bytes(bytes(data))
+    for read in (load_checkpoint, check_checkpoint, AtomicCheckpointIO().load_checkpoint):
+        with pytest.raises(CheckpointError, match="fails its tensor checksum"):
+            read(path)
+
+
+def test_export_refuses_non_finite_lora_tensors(tmp_path):
+    from tdd_lightning.export import export_lora
+
+    lora = {
+        "unet.down.attn.to_q.lora_A.student.weight": torch.ones(2, 8),
+        "unet.down.attn.to_q.lora_B.student.weight": torch.tensor([[float("nan")] * 2] * 8),
+    }
+    ckpt = {"state_dict": lora, "global_step": 3, "hyper_parameters": {"model": {"lora": {"rank": 2}}}}
+    with pytest.raises(CheckpointError, match=r"1 of the student LoRA tensors hold NaN or Inf \(first: "):
+        export_lora(ckpt, tmp_path / "out", roles="student")
+    lora["unet.down.attn.to_q.lora_B.student.weight"] = torch.full((8, 2), 1e6)  # finite, > fp16's max
+    with pytest.raises(CheckpointError, match="after the cast to fp16"):
+        export_lora(ckpt, tmp_path / "out", roles="student", dtype="fp16")
+    assert not (tmp_path / "out").exists()
