@@ -11,8 +11,8 @@ import torch
 
 from tdd_lightning.data.synthetic import SyntheticDataModule
 from tdd_lightning.module import TDDModule
-from tdd_lightning.training.optim import ConstantWithWarmup
 from tdd_lightning.strategies import DecoupledGuidance, DistillationLoss, TDDSelection
+from tdd_lightning.training.optim import ConstantWithWarmup
 
 STEPS, GLOBAL_BATCH = 4, 4
 

@@ -6,9 +6,9 @@ import lightning as L
 import pytest
 import torch
 
-from tdd_lightning.models.conditioning import teacher_cfg_eps, unconditional_like, unet_eps
 from tdd_lightning.data.synthetic import SyntheticDataModule
 from tdd_lightning.models import load_sdxl_components
+from tdd_lightning.models.conditioning import teacher_cfg_eps, unconditional_like, unet_eps
 from tdd_lightning.module import TDDModule
 from tdd_lightning.strategies import DecoupledGuidance, DistillationLoss, LCMSelection, TDDSelection
 

@@ -17,10 +17,10 @@ import torch
 
 from tdd_lightning.checkpoint_io import AtomicCheckpointIO, atomic_write
 from tdd_lightning.data.synthetic import SyntheticDataModule
-from tdd_lightning.module import TDDModule
 from tdd_lightning.errors import UserError
-from tdd_lightning.training.run import check_config, train
+from tdd_lightning.module import TDDModule
 from tdd_lightning.strategies import DecoupledGuidance, DistillationLoss, TDDSelection
+from tdd_lightning.training.run import check_config, train
 from tests.hydra_utils import compose_cfg
 
 ROOT = Path(__file__).resolve().parents[1]
