@@ -40,7 +40,7 @@ $(TOY_SHAPES): | $(STAMP)
 
 $(TOY_CACHE): $(TOY_SHAPES) | $(STAMP)
 	$(PY) -m tdd_lightning.data.encode "data/shapes/two/train/shard-*.tar" data/cache/toy-teacher/train \
-		--model models/toy-teacher --resolution 32 --batch-size 256 --num-workers 1 --overwrite --no-progress
+		--model models/toy-teacher --resolution 32 --batch-size 256 --num-workers 1 --overwrite
 
 toy-data: $(TOY_CACHE) ## the two-object shapes data and its latent cache for the toy teacher (once)
 

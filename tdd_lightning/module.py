@@ -10,7 +10,9 @@ import lightning as L
 import torch
 
 from tdd_lightning.checkpoint_io import checkpoint_path
+from tdd_lightning.data.ranks import rank_and_world
 from tdd_lightning.diffusion import NoiseSchedule, add_noise, cfg_combine, ddim_jump, k_step_schedule
+from tdd_lightning.diffusion.ops import append_dims
 from tdd_lightning.diffusion.sampling import guided, tdd_sample
 from tdd_lightning.errors import UserError, check
 from tdd_lightning.models.conditioning import (
@@ -206,7 +208,7 @@ class TDDModule(L.LightningModule):
 
     def world_slice(self, batch_size: int) -> tuple[int, slice]:
         """(global batch size, this rank's slice of it)."""
-        world, rank = (self.trainer.world_size, self.global_rank) if self._trainer is not None else (1, 0)
+        rank, world = rank_and_world(self._trainer)
         return batch_size * world, slice(rank * batch_size, (rank + 1) * batch_size)
 
     def distillation_loss(
@@ -251,7 +253,7 @@ class TDDModule(L.LightningModule):
             with roles.role("teacher") as unet:
                 if self.guidance.uses_cfg:
                     eps_c, eps_u = teacher_cfg_eps(unet, x_t, t, c, u, same=drop_host)
-                    eps_teacher = cfg_combine(eps_c.float(), eps_u.float(), w.view(-1, 1, 1, 1))
+                    eps_teacher = cfg_combine(eps_c.float(), eps_u.float(), append_dims(w, eps_c.ndim))
                 else:
                     eps_teacher = unet_eps(unet, x_t, t, c).float()
             a_tp, sigma_tp = schedule.a_sigma(t_prev, x0)

@@ -126,36 +126,39 @@ def recommended_call_kwargs(metadata: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-# ---- sampling grids --------------------------------------------------------------------------------
+# ---- sampling settings and grids ---------------------------------------------------------------------
 @dataclass(frozen=True)
 class Setting:
-    """One column of a sampling grid."""
+    """How to sample: ``steps`` inference steps, ``eta`` (gamma), standard CFG scale ``guidance`` (1 = off),
+    and the initial-noise ``seed``. A column of a sampling grid; a cell of the toy evaluation."""
 
     steps: int
     eta: float
-    guidance_scale: float
+    guidance: float
+    seed: int = 0
 
-    def title(self, varying: Sequence[str] = ("steps", "eta", "guidance_scale")) -> str:
+    def title(self, varying: Sequence[str] = ("steps", "eta", "guidance")) -> str:
+        """The column title, naming the ``varying`` fields (``settings_grid``'s second value)."""
         parts = {
             "steps": f"{self.steps} steps",
             "eta": f"eta {self.eta:g}",
-            "guidance_scale": f"g {self.guidance_scale:g}",
+            "guidance": f"g {self.guidance:g}",
         }
         return ", ".join(parts[k] for k in varying) or parts["steps"]
 
     def slug(self) -> str:
-        return f"k{self.steps}_eta{self.eta:g}_g{self.guidance_scale:g}"
+        return f"k{self.steps}_eta{self.eta:g}_g{self.guidance:g}"
 
 
 def settings_grid(steps: Any, eta: Any, guidance_scale: Any) -> tuple[list[Setting], list[str]]:
-    """The product of the (scalar or list) values, steps slowest; and which of the three vary."""
+    """The product of the (scalar or list) values, steps slowest; and which of the three fields vary."""
     values = {k: v if isinstance(v, (list, tuple)) else [v] for k, v in
-              {"steps": steps, "eta": eta, "guidance_scale": guidance_scale}.items()}  # fmt: skip
+              {"steps": steps, "eta": eta, "guidance": guidance_scale}.items()}  # fmt: skip
     grid = [
         Setting(int(k), float(e), float(g))
-        for k, e, g in itertools.product(values["steps"], values["eta"], values["guidance_scale"])
+        for k, e, g in itertools.product(values["steps"], values["eta"], values["guidance"])
     ]
-    varying = [k for k, v in values.items() if len(v) > 1] or ["steps", "eta", "guidance_scale"]
+    varying = [k for k, v in values.items() if len(v) > 1] or ["steps", "eta", "guidance"]
     return grid, varying
 
 
@@ -165,21 +168,22 @@ def generate(
     prompt: str,
     setting: Setting,
     *,
-    seed: int = 0,
+    seed: int | None = None,
     batch: int = 1,
     negative_prompt: str | None = None,
     height: int | None = None,
     width: int | None = None,
 ) -> torch.Tensor:
     """``batch`` images of one prompt as [batch, 3, H, W] in [0, 1]; image b starts from seed + b's noise
-    (CPU generators, so a seed gives the same images on any device)."""
+    (CPU generators, so a seed gives the same images on any device). ``seed`` None: the setting's."""
+    seed = setting.seed if seed is None else seed
     generators = [torch.Generator("cpu").manual_seed(seed + b) for b in range(batch)]
     out = pipe(
         prompt=prompt,
         negative_prompt=negative_prompt,
         num_inference_steps=setting.steps,
         eta=setting.eta,
-        guidance_scale=setting.guidance_scale,
+        guidance_scale=setting.guidance,
         num_images_per_prompt=batch,
         generator=generators,
         height=height,

@@ -101,7 +101,8 @@ def run(cfg: DictConfig) -> Path:
                 path = out / "images" / f"p{p:02d}_b{b}_{setting.slug()}.png"
                 to_pil(image).save(path)
                 records.append({"file": str(path.relative_to(out)), "prompt": prompt, "seed": cfg.seed + b,
-                                **vars(setting)})  # fmt: skip
+                                "steps": setting.steps, "eta": setting.eta,
+                                "guidance_scale": setting.guidance})  # fmt: skip
             rows.append(images)
         columns.append(torch.cat(rows))
     labels = [f"{q} #{b}" if cfg.batch > 1 else q for q in prompts for b in range(cfg.batch)]

@@ -13,7 +13,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "tdd_lightning"
 
 # lowest first; a unit may import from its own layer or any layer below (never above)
 LAYERS: list[set[str]] = [
-    {"errors", "checkpoint_io", "plotting", "diffusion"},  # pure maths and leaf helpers
+    {"errors", "checkpoint_io", "plotting", "progress", "diffusion"},  # pure maths and leaf helpers
     {"strategies", "models"},  # the method's swappable parts; model loading, families, LoRA roles
     {"data"},  # webdataset shards, preprocessing, offline encode
     {"module", "scheduling_tdd", "export", "pipelines", "training"},  # the LightningModule and its glue

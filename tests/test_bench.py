@@ -119,3 +119,20 @@ def test_sdxl_arch_has_sdxl_base_parameter_count():
     assert text_dims() == (unet.config.cross_attention_dim, 1280)
     cfg = unet.config
     assert cfg.projection_class_embeddings_input_dim == 6 * cfg.addition_time_embed_dim + text_dims()[1]
+
+
+def test_cli_options_are_the_config_fields():
+    import dataclasses
+
+    from tdd_lightning.bench.cli import parse
+
+    assert parse([]) == (BenchConfig(), None)
+    cfg, path = parse(["--model", "sdxl_arch", "--gradient-checkpointing", "false", "--json", "out.json"])
+    assert (cfg.rank, cfg.sample_size, cfg.gradient_checkpointing, path) == (64, 128, False, "out.json")
+    argv = ["--channels", "8", "16", "--rank", "4", "--compile", "--peak-tflops", "2.5", "--seed", "3", "a=1"]
+    cfg, _ = parse(argv)
+    assert cfg == dataclasses.replace(
+        BenchConfig(), channels=(8, 16), rank=4, compile=True, peak_tflops=2.5, seed=3, overrides=["a=1"]
+    )
+    with pytest.raises(SystemExit):
+        parse(["--lora", "other"])  # choices come from the field

@@ -310,3 +310,17 @@ def test_real_ddp_two_ranks_two_workers_disjoint(tmp_path):
     a, b = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
     assert len(a) == len(b) == 20  # 4 shards of 5 per rank, one whole batch per shard and worker
     assert len(set(a) | set(b)) == 40  # no sample read twice, across ranks and workers
+
+
+def test_rank_and_world_from_trainer_then_environment(monkeypatch):
+    from types import SimpleNamespace
+
+    from tdd_lightning.data.ranks import rank_and_world
+
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert rank_and_world() == (0, 1)
+    monkeypatch.setenv("RANK", "2")
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    assert rank_and_world(None) == (2, 8)  # a launcher's environment, before any process group
+    assert rank_and_world(SimpleNamespace(global_rank=3, world_size=4)) == (3, 4)  # the trainer wins

@@ -67,3 +67,44 @@ def test_tokenizer_words_are_single_tokens():
         assert tok.tokenize(w) == [w + "</w>"]
     ids = tok("red", padding="max_length", max_length=77).input_ids
     assert len(ids) == 77 and ids[0] == tok.bos_token_id
+
+
+def test_square_time_ids_of_an_uncropped_square_image():
+    from tdd_lightning.models.conditioning import square_time_ids
+
+    ids = square_time_ids(1024, 3)
+    expected = torch.tensor([[1024.0, 1024.0, 0.0, 0.0, 1024.0, 1024.0]] * 3)
+    assert ids.dtype == torch.float32 and ids.is_contiguous() and torch.equal(ids, expected)
+    assert square_time_ids(32, 1, device="cpu").tolist() == [[32.0, 32.0, 0.0, 0.0, 32.0, 32.0]]
+    assert square_time_ids(8, 0).shape == (0, 6)
+
+
+def test_components_to_pipeline_uses_the_parts(tiny_components):
+    from diffusers import DDIMScheduler
+
+    pipe = tiny_components.to_pipeline()
+    assert isinstance(pipe, StableDiffusionXLPipeline)
+    for name in ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2"):
+        assert getattr(pipe, name) is getattr(tiny_components, name), name
+    assert pipe.scheduler is tiny_components.noise_scheduler
+    other = DDIMScheduler.from_config(tiny_components.noise_scheduler.config)
+    assert tiny_components.to_pipeline(scheduler=other).scheduler is other
+
+
+def test_tiny_pipeline_is_seeded(tmp_path):
+    """The tiny factory builds through SDXLComponents.to_pipeline: same seed, same weights; another seed,
+    other weights (the build order of the parts fixes which draws each part gets)."""
+    from safetensors.torch import load_file
+
+    from tdd_lightning.models.tiny import TinySDXLConfig, build_tiny_sdxl
+
+    def weights(out, seed):
+        build_tiny_sdxl(out, TinySDXLConfig.from_channels([8, 16], sample_size=4, seed=seed))
+        return {
+            p: load_file(str(next((out / p).glob("*.safetensors")))) for p in ("unet", "vae", "text_encoder")
+        }
+
+    a, b, c = weights(tmp_path / "a", 0), weights(tmp_path / "b", 0), weights(tmp_path / "c", 1)
+    for part in a:
+        assert all(torch.equal(a[part][k], b[part][k]) for k in a[part]), part
+        assert not all(torch.equal(a[part][k], c[part][k]) for k in a[part]), part

@@ -107,3 +107,27 @@ def test_losses_keep_shape_and_values():
     assert h[0, 0, 0, 0].item() == pytest.approx(math.sqrt(0.25 + 1e-6) - 0.001)
     assert l2[0, 0, 0, 0].item() == pytest.approx(0.25)
     assert pseudo_huber_loss(pred, pred).abs().max().item() == 0.0
+
+
+def test_append_dims_broadcasts_a_per_sample_value():
+    from tdd_lightning.diffusion import append_dims
+
+    w = torch.tensor([2.0, 3.0])
+    out = append_dims(w, 4)
+    assert out.shape == (2, 1, 1, 1) and out.data_ptr() == w.data_ptr()  # a view
+    x = torch.ones(2, 3, 2, 2)
+    assert torch.equal((out * x)[0], torch.full((3, 2, 2), 2.0))
+    assert torch.equal((out * x)[1], torch.full((3, 2, 2), 3.0))
+    assert append_dims(torch.tensor(5.0), 2).shape == (1, 1)
+    assert append_dims(torch.zeros(4, 77), 3).shape == (4, 77, 1)
+    assert append_dims(w, 1).shape == (2,)
+    with pytest.raises(ValueError, match="2-d"):
+        append_dims(torch.zeros(2, 3), 1)
+
+
+def test_a_sigma_is_broadcast_like_the_sample():
+    schedule = NoiseSchedule(torch.tensor([0.64, 0.25, 0.09]))
+    a, sigma = schedule.a_sigma(torch.tensor([0, 2]), torch.zeros(2, 4, 8, 8))
+    assert a.shape == sigma.shape == (2, 1, 1, 1)
+    torch.testing.assert_close(a.flatten(), torch.tensor([0.8, 0.3]))
+    torch.testing.assert_close(sigma.flatten(), torch.tensor([0.6, 0.9539392]))

@@ -125,3 +125,21 @@ def test_command_line_error_is_one_line(tmp_path):
         "(give an exported .safetensors file or its folder)"
     )
     assert "Traceback" not in result.stdout
+
+
+def test_one_setting_for_grids_and_toy_cells():
+    from dataclasses import asdict
+
+    from tdd_lightning.pipelines import Setting, settings_grid
+
+    grid, varying = settings_grid([4, 8], 0.2, [1.0, 1.5])
+    assert [(s.steps, s.eta, s.guidance, s.seed) for s in grid] == [
+        (4, 0.2, 1.0, 0), (4, 0.2, 1.5, 0), (8, 0.2, 1.0, 0), (8, 0.2, 1.5, 0),
+    ]  # fmt: skip
+    assert varying == ["steps", "guidance"]
+    assert grid[1].title(varying) == "4 steps, g 1.5" and grid[1].title() == "4 steps, eta 0.2, g 1.5"
+    assert grid[1].slug() == "k4_eta0.2_g1.5"
+    assert settings_grid(4, 0.0, 1.0)[1] == ["steps", "eta", "guidance"]  # nothing varies: all named
+    # the toy evaluation's cells (and its teacher-cache keys) are the same dataclass and fields
+    assert asdict(Setting(50, 0.0, 2.0, 3)) == {"steps": 50, "eta": 0.0, "guidance": 2.0, "seed": 3}
+    assert Setting(4, 0.2, 1.0) == Setting(4, 0.2, 1.0, 0) != Setting(4, 0.2, 1.0, 1)

@@ -103,3 +103,36 @@ def test_frechet_distance_and_labels():
     assert left == canonical_labels({"relation": "right of", "objects": [b, a]})
     assert left != canonical_labels({"relation": "above", "objects": [a, b]})
     assert trailing_timesteps(4) == [999, 749, 499, 249] and trailing_timesteps(1) == [999]
+
+
+def test_toy_cfg_through_teacher_cfg_eps_is_bit_equal_to_its_own_batch(teacher):
+    """The toy sampler's CFG now runs ``teacher_cfg_eps`` (same [conditional | unconditional] batch, same
+    order): the eps and the images equal, to the bit, what the toy's own batching computed before."""
+    from tdd_lightning.diffusion import NoiseSchedule
+    from tdd_lightning.diffusion.sampling import tdd_sample
+    from tdd_lightning.models.conditioning import teacher_cfg_eps, unconditional_like, unet_eps
+    from tdd_lightning.toy.data import to_uint8
+    from tdd_lightning.toy.sampling import encode_prompts, initial_noise, sample_images, trailing_timesteps
+
+    unet, vae, g = teacher.unet, teacher.vae, 2.5
+    captions = [
+        "a small red circle left of a large blue square",
+        "a large green cross above a small white cross",
+    ]
+    cond = encode_prompts(teacher, captions)
+    schedule = NoiseSchedule.from_config(teacher.noise_scheduler.config)
+    timesteps, x_T = trailing_timesteps(3), initial_noise(2, 7)
+
+    def before(x, t):  # the toy's code before: its own [c | u] batch, then standard CFG
+        u = {k: (v if k == "time_ids" else torch.zeros_like(v)) for k, v in cond.items()}
+        both = {k: torch.cat([cond[k], u[k]]) for k in cond}
+        eps_c, eps_u = unet_eps(unet, torch.cat([x, x]), torch.cat([t, t]), both).chunk(2)
+        return eps_u + g * (eps_c - eps_u)
+
+    t = torch.full((2,), 749)
+    eps_c, eps_u = teacher_cfg_eps(unet, x_T, t, cond, unconditional_like(cond, None), same=None)
+    assert torch.equal(eps_u + g * (eps_c - eps_u), before(x_T, t))
+    x0 = tdd_sample(before, x_T, timesteps, schedule, eta=0.3, generator=torch.Generator().manual_seed(2))
+    old = to_uint8(vae.decode(x0 / vae.config.scaling_factor).sample)
+    new = sample_images(unet, vae, cond, x_T, timesteps, g, schedule, eta=0.3, seed=2)
+    assert torch.equal(new, old)

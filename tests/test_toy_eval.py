@@ -129,8 +129,8 @@ def test_toy_tdd_prints_table_and_eval_cli_agrees(toy_data, tmp_path):
         "--teacher-steps", "2", "4", "--ref-steps", "4", "--data", str(shapes), "--out", str(ev),
         "--cache-dir", str(tmp_path / "cache"),
     ]  # fmt: skip
-    out = subprocess.run([sys.executable, "-m", "tdd_lightning.toy.eval", *args], capture_output=True,
-                         text=True, timeout=300, cwd=ROOT)  # fmt: skip
+    cmd = [sys.executable, "-m", "tdd_lightning.toy.eval", *args]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert out.returncode == 0, out.stderr[-3000:]
     cli = json.loads((ev / "results.json").read_text())["records"]
     from PIL import Image  # cached teacher cells still get their grid column
@@ -149,11 +149,9 @@ def test_eval_cli_errors(tmp_path):
         capture_output=True, text=True, timeout=120, cwd=ROOT,
     )  # fmt: skip
     assert out.returncode == 1 and "NAME=PATH" in out.stderr
-    out = subprocess.run(
-        [sys.executable, "-m", "tdd_lightning.toy.eval", "--student", f"X={tmp_path}/no",
-         "--out", str(tmp_path)],
-        capture_output=True, text=True, timeout=120, cwd=ROOT,
-    )  # fmt: skip
+    missing = f"X={tmp_path}/no"
+    cmd = [sys.executable, "-m", "tdd_lightning.toy.eval", "--student", missing, "--out", str(tmp_path)]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert out.returncode == 1 and "does not exist" in out.stderr
 
 
@@ -201,3 +199,16 @@ def test_student_spec_names_and_paths_may_hold_equals(tmp_path):
     assert resolve_student(f"TDD={run}")[0] == "TDD"
     with pytest.raises(UserError, match="does not exist"):
         resolve_student(f"TDD={tmp_path}/none")
+
+
+def test_teacher_cache_key_is_unchanged_by_the_shared_setting():
+    """Teacher cells cached on disk before Setting moved to pipelines keep their keys (same JSON)."""
+    import hashlib
+    from types import SimpleNamespace
+
+    from tdd_lightning.pipelines import Setting
+    from tdd_lightning.toy.suite import Suite
+
+    suite = SimpleNamespace(teacher_id="0123456789abcdef", n=1000, ref_steps=50, ref_guidance=2.0)
+    raw = '["0123456789abcdef", 1000, 50, 2.0, {"steps": 4, "eta": 0.0, "guidance": 2.0, "seed": 1}]'
+    assert Suite._cache_key(suite, Setting(4, 0.0, 2.0, 1)) == hashlib.sha256(raw.encode()).hexdigest()[:20]

@@ -17,31 +17,49 @@ import torch
 CONF = Path(__file__).resolve().parents[2] / "conf"
 
 
+def option(default=None, help: str | None = None, **argparse_kwargs):
+    """A BenchConfig field and its command-line option (``bench.cli`` builds the parser from these).
+
+    ``argparse_kwargs``: ``choices``; ``by_model`` ({model: default}: the option's default depends on
+    ``--model``; the field's own default is the tiny model's); ``positional`` (the trailing arguments).
+    """
+    metadata = {"help": help, **argparse_kwargs}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
 @dataclass
 class BenchConfig:
-    model: str = "tiny"  # tiny | sdxl_arch (conf/model/<name>.yaml)
-    device: str = "cpu"
-    precision: str = "fp32"  # fp32 | bf16 (bf16: bf16 base weights + bf16 autocast, fp32 LoRA)
-    batch: int = 8
-    sample_size: int = 32  # latent side (tiny default 4x32x32 = 256 px; sdxl_arch 128 = 1024 px)
-    channels: tuple[int, ...] = (32, 64)  # tiny UNet block_out_channels
-    rank: int = 8
-    threads: int = 2
-    clock: str = "wall"  # wall | cpu (main-thread CPU time: robust to other load; needs threads=1)
-    warmup: int = 3
-    steps: int = 12
-    naive_steps: int = 6  # 0: no naive mode
-    budget_s: float = 150.0  # stop measuring early (>= 3 steps, >= 2 naive steps) past this (0: never)
-    lora: str = "fused"  # fused (merged-weight fp32 forward) | peft
-    ema_decay: float = 0.95
-    gradient_checkpointing: bool | None = None  # None: the model config's
-    attention: str = "sdpa"  # sdpa | eager (diffusers AttnProcessor)
-    compile: bool = False
-    pretrained: str | None = None  # a tiny-style diffusers folder instead of building one
-    sync_debug: bool = False  # CUDA: list the host syncs of one step
-    peak_tflops: float | None = None
-    seed: int = 0
-    overrides: list[str] = field(default_factory=list)  # extra Hydra overrides
+    model: str = option("tiny", "conf/model/<name>.yaml", choices=("tiny", "sdxl_arch"))
+    device: str = option("cpu", "cpu | cuda | cuda:N")
+    precision: str = option(
+        "fp32", "bf16: bf16 base weights + bf16 autocast, fp32 LoRA", choices=("fp32", "bf16")
+    )
+    batch: int = option(8)
+    sample_size: int = option(
+        32, "latent side (tiny 32 = 256 px, sdxl_arch 128)", by_model={"sdxl_arch": 128}
+    )
+    channels: tuple[int, ...] = option((32, 64), "tiny UNet blocks (block_out_channels)")
+    rank: int = option(8, "LoRA rank (tiny 8, sdxl_arch 64)", by_model={"sdxl_arch": 64})
+    threads: int = option(2, "torch CPU threads")
+    clock: str = option(
+        "wall", "cpu: main-thread CPU time (robust to other load; with --threads 1)", choices=("wall", "cpu")
+    )
+    warmup: int = option(3)
+    steps: int = option(12, "measured training steps")
+    naive_steps: int = option(6, "0: skip the naive mode")
+    budget_s: float = option(150.0, "stop measuring early past this (0: never)")
+    lora: str = option("fused", "LoRA forward: fused (merged-weight fp32) | peft", choices=("fused", "peft"))
+    ema_decay: float = option(0.95)
+    gradient_checkpointing: bool | None = option(None, "default: the model config's")
+    attention: str = option("sdpa", "sdpa | eager (diffusers AttnProcessor)", choices=("sdpa", "eager"))
+    compile: bool = option(False, "torch.compile the UNet forward (minutes on CPU)")
+    pretrained: str | None = option(None, "a tiny-style diffusers folder instead of building one")
+    sync_debug: bool = option(False, "CUDA: list the host syncs of one step")
+    peak_tflops: float | None = option(None, "device peak for MFU (default: by name)")
+    seed: int = option(0)
+    overrides: list[str] = option([], "extra Hydra overrides, e.g. guidance.p_empty=0.5", positional=True)
 
 
 def compose(cfg: BenchConfig, pretrained: str, out_dir: Path):

@@ -13,75 +13,71 @@ and memory, and a final ``BENCH key=value ...`` line (``--json PATH`` writes eve
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
+import types
+import typing
+
+
+def _kind(tp) -> tuple[type, bool]:
+    """(the base type, whether None is allowed) of a field annotation such as ``float | None``."""
+    args = [t for t in typing.get_args(tp) if t is not type(None)]
+    if isinstance(tp, types.UnionType) and len(args) == 1:
+        return args[0], True
+    return tp, False
+
+
+def add_config_options(p: argparse.ArgumentParser, cls) -> None:
+    """One option per field of the dataclass ``cls``, named, typed, defaulted and documented by the field
+    (see ``bench.build.option``): ``bool`` -> a flag; ``bool | None`` -> true | false (default None);
+    ``tuple[int, ...]`` -> one or more ints; ``X | None`` -> an X, default None; ``positional`` -> the
+    trailing arguments; ``by_model`` -> default None, resolved by ``config_from_args``."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        meta, (tp, optional) = f.metadata, _kind(hints[f.name])
+        kw = {"help": meta.get("help")}
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        if meta.get("positional"):
+            p.add_argument(f.name, nargs="*", default=default, **kw)
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        if tp is bool and not optional:
+            p.add_argument(flag, action="store_true", **kw)
+        elif tp is bool:
+            p.add_argument(flag, choices=["true", "false"], default=None, **kw)
+        elif typing.get_origin(tp) is tuple:
+            p.add_argument(flag, type=typing.get_args(tp)[0], nargs="+", default=list(default), **kw)
+        else:
+            kw["default"] = None if "by_model" in meta else default
+            p.add_argument(flag, type=tp, choices=meta.get("choices"), **kw)
+
+
+def config_from_args(cls, a: argparse.Namespace):
+    """The dataclass ``cls`` from parsed options (the inverse of ``add_config_options``)."""
+    hints, values = typing.get_type_hints(cls), {}
+    for f in dataclasses.fields(cls):
+        value, (tp, optional) = getattr(a, f.name), _kind(hints[f.name])
+        if tp is bool and optional and value is not None:
+            value = value == "true"
+        elif typing.get_origin(tp) is tuple or typing.get_origin(tp) is list:
+            value = typing.get_origin(tp)(value)
+        elif value is None and "by_model" in f.metadata:
+            value = f.metadata["by_model"].get(a.model, f.default)
+        values[f.name] = value
+    return cls(**values)
 
 
 def parse(argv: list[str] | None = None):
+    """(BenchConfig, the ``--json`` path or None) from the command line."""
     from tdd_lightning.bench.build import BenchConfig
 
-    d = BenchConfig()
     p = argparse.ArgumentParser(prog="python -m tdd_lightning.bench", description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default=d.model, choices=["tiny", "sdxl_arch"], help="conf/model/<name>.yaml")
-    p.add_argument("--device", default=d.device, help="cpu | cuda | cuda:N")
-    p.add_argument("--precision", default=d.precision, choices=["fp32", "bf16"])
-    p.add_argument("--batch", type=int, default=d.batch)
-    p.add_argument("--sample-size", type=int, default=None, help="latent side (tiny 32, sdxl_arch 128)")
-    p.add_argument("--channels", type=int, nargs="+", default=list(d.channels), help="tiny UNet blocks")
-    p.add_argument("--rank", type=int, default=None, help="LoRA rank (tiny 8, sdxl_arch 64)")
-    p.add_argument("--threads", type=int, default=d.threads, help="torch CPU threads")
-    p.add_argument(
-        "--clock",
-        default=d.clock,
-        choices=["wall", "cpu"],
-        help="cpu: main-thread CPU time (with --threads 1)",
-    )
-    p.add_argument("--warmup", type=int, default=d.warmup)
-    p.add_argument("--steps", type=int, default=d.steps, help="measured training steps")
-    p.add_argument("--naive-steps", type=int, default=d.naive_steps, help="0: skip the naive mode")
-    p.add_argument(
-        "--budget-s", type=float, default=d.budget_s, help="stop measuring early past this (0: never)"
-    )
-    p.add_argument("--lora", default=d.lora, choices=["fused", "peft"], help="LoRA forward")
-    p.add_argument("--ema-decay", type=float, default=d.ema_decay)
-    p.add_argument("--gradient-checkpointing", choices=["true", "false"], default=None)
-    p.add_argument("--attention", default=d.attention, choices=["sdpa", "eager"])
-    p.add_argument("--compile", action="store_true", help="torch.compile the UNet forward (minutes on CPU)")
-    p.add_argument("--pretrained", default=None, help="a tiny-style diffusers folder instead of building one")
-    p.add_argument("--sync-debug", action="store_true", help="CUDA: list the host syncs of one step")
-    p.add_argument("--peak-tflops", type=float, default=None, help="device peak for MFU (default: by name)")
+    add_config_options(p, BenchConfig)
     p.add_argument("--json", default=None, help="also write all figures to this JSON file")
-    p.add_argument("overrides", nargs="*", help="extra Hydra overrides, e.g. guidance.p_empty=0.5")
     a = p.parse_args(argv)
-    sdxl = a.model == "sdxl_arch"
-    cfg = BenchConfig(
-        model=a.model,
-        device=a.device,
-        precision=a.precision,
-        batch=a.batch,
-        sample_size=a.sample_size or (128 if sdxl else d.sample_size),
-        channels=tuple(a.channels),
-        rank=a.rank or (64 if sdxl else d.rank),
-        threads=a.threads,
-        clock=a.clock,
-        warmup=a.warmup,
-        steps=a.steps,
-        naive_steps=a.naive_steps,
-        budget_s=a.budget_s,
-        lora=a.lora,
-        ema_decay=a.ema_decay,
-        gradient_checkpointing=None
-        if a.gradient_checkpointing is None
-        else a.gradient_checkpointing == "true",
-        attention=a.attention,
-        compile=a.compile,
-        pretrained=a.pretrained,
-        sync_debug=a.sync_debug,
-        peak_tflops=a.peak_tflops,
-        overrides=list(a.overrides),
-    )
-    return cfg, a.json
+    return config_from_args(BenchConfig, a), a.json
 
 
 def main(argv: list[str] | None = None) -> None:

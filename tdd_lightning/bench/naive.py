@@ -16,8 +16,8 @@ from contextlib import nullcontext
 
 import torch
 
-from tdd_lightning.diffusion import add_noise, cfg_combine, ddim_jump
-from tdd_lightning.models.conditioning import replace_where, unet_eps
+from tdd_lightning.diffusion import add_noise, append_dims, cfg_combine, ddim_jump
+from tdd_lightning.models.conditioning import replace_where, square_time_ids, unet_eps
 from tdd_lightning.models.roles import STUDENT, TARGET
 
 
@@ -34,14 +34,14 @@ class NaiveTrainer:
         side = 8 * module.unet.config.sample_size
         self.pixels = (torch.rand(num_samples, 3, side, side, generator=g) * 2 - 1).to(device)
         self.captions = [f"synthetic sample {i}" for i in range(num_samples)]
-        self.time_ids = torch.tensor([side, side, 0, 0, side, side], dtype=torch.float32, device=device)
+        self.time_ids = square_time_ids(side, batch_size, device)
         self.i = 0
 
     def batch(self):
         n = self.pixels.shape[0]
         idx = [(self.i * self.B + k) % n for k in range(self.B)]
         self.i += 1
-        return self.pixels[idx], [self.captions[k] for k in idx], self.time_ids.expand(self.B, 6)
+        return self.pixels[idx], [self.captions[k] for k in idx], self.time_ids
 
     def step(self, context=None) -> float:
         m, unet, B, device = self.m, self.m.unet, self.B, self.device
@@ -75,7 +75,7 @@ class NaiveTrainer:
                 eps_c = unet_eps(unet, x_t, t, c).float()
                 eps_u = unet_eps(unet, x_t, t, u).float()
                 unet.enable_adapters()
-                eps_teacher = cfg_combine(eps_c, eps_u, draw.w.view(-1, 1, 1, 1))
+                eps_teacher = cfg_combine(eps_c, eps_u, append_dims(draw.w, eps_c.ndim))
                 a_tp, sigma_tp = schedule.a_sigma(t_prev, x0)
                 x_tp = ddim_jump(x_t, eps_teacher, a_t, sigma_t, a_tp, sigma_tp)
                 # target

@@ -13,6 +13,7 @@ import statistics
 import tempfile
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -98,14 +99,58 @@ def _sync_debug_step(loader, trainer, module) -> list[str]:
     return found
 
 
+@dataclass
+class Measured:
+    """What the instrumented fit leaves: per-step phase records, floor times, naive step times, memory."""
+
+    trainer: object
+    records: list[dict]
+    floor_times: dict[str, list[float]]
+    naive_times: list[float]
+    cuda_peak_gib: float | None
+
+
 def _run(cfg: BenchConfig, out_dir: Path) -> dict:
+    """Build, fit with the phase profiler (floor passes and naive steps between the measured steps), then
+    the statistics, the host syncs (``sync_debug``), FLOPs and the machine into one result dict."""
+    t_start = time.perf_counter()
+    device = torch.device(cfg.device)
+    built = build(cfg, out_dir)
+    module = built.module
+    measured = _fit(cfg, built, out_dir, device, t_start)
+    syncs = None
+    if cfg.sync_debug and device.type == "cuda":
+        syncs = _sync_debug_step(built.loader, measured.trainer, module)
+
+    stats = aggregate(measured.records, measured.floor_times, module.bench_teacher_batches)
+    naive_stats = naive_summary(measured.naive_times, stats["step_times_s"], cfg.batch)
+    return {
+        "config": {k: v for k, v in vars(cfg).items() if k != "overrides"},
+        "machine": machine(device, cfg.threads),
+        "unet_params": sum(p.numel() for n, p in module.unet.named_parameters() if "lora_" not in n),
+        "lora_params": sum(p.numel() for p in module.roles.student_params),
+        **stats,
+        "samples_per_s": cfg.batch / stats["step_s"],
+        "bare": "a separate UNet without LoRA"
+        if built.bare is not None
+        else "the teacher role (adapters off)",
+        "naive": naive_stats,
+        "naive_ratio": naive_stats["ratio"] if naive_stats else None,
+        "flops": flop_summary(cfg, built, stats, device),
+        "peak_rss_mib": rss_peak_mib(),
+        "cuda_peak_gib": measured.cuda_peak_gib,
+        "host_syncs": syncs,
+        "wall_s": time.perf_counter() - t_start,
+    }
+
+
+def _fit(cfg: BenchConfig, built, out_dir: Path, device: torch.device, t_start: float) -> Measured:
+    """``warmup + steps`` training steps under Lightning with the phase timers on; after each measured
+    step (outside its timed window) one set of floor passes and, while wanted, one naive step."""
     import lightning as L
     from hydra.utils import instantiate
     from lightning.pytorch.loggers import CSVLogger
 
-    t_start = time.perf_counter()
-    device = torch.device(cfg.device)
-    built = build(cfg, out_dir)
     module = built.module
     sync = cuda_sync(device)
     clock = CLOCKS[cfg.clock]
@@ -149,33 +194,35 @@ def _run(cfg: BenchConfig, out_dir: Path) -> dict:
     for h in handles:
         h.remove()
     cuda_peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
-    syncs = None
-    if cfg.sync_debug and device.type == "cuda":
-        syncs = _sync_debug_step(built.loader, trainer, module)
+    return Measured(trainer, profiler.records, floor.times, naive_times, cuda_peak)
 
-    stats = aggregate(profiler.records, floor.times, module.bench_teacher_batches)
-    step, B = stats["step_s"], cfg.batch
-    naive_stats = None
-    if naive_times:
-        paired = [n / s for n, s in zip(naive_times, stats["step_times_s"], strict=False)]
-        ours = stats["step_times_s"][: len(naive_times)]
-        naive_stats = {"step_s": median(naive_times), "steps": len(naive_times), "ratio": median(paired)}
-        naive_stats["ours_same_steps_s"] = median(ours)
-        naive_stats["samples_per_s"] = B / naive_stats["step_s"]
 
-    flops = None
+def naive_summary(naive_times: list[float], step_times: list[float], batch: int) -> dict | None:
+    """The naive mode against our steps: each naive step paired with the measured step it followed."""
+    if not naive_times:
+        return None
+    paired = [n / s for n, s in zip(naive_times, step_times, strict=False)]
+    out = {"step_s": median(naive_times), "steps": len(naive_times), "ratio": median(paired)}
+    out["ours_same_steps_s"] = median(step_times[: len(naive_times)])
+    out["samples_per_s"] = batch / out["step_s"]
+    return out
+
+
+def flop_summary(cfg: BenchConfig, built, stats: dict, device: torch.device) -> dict:
+    """FLOPs of one step (meta device), achieved TFLOP/s and MFU; an ``error`` entry if counting fails."""
     try:
         from tdd_lightning.bench.flops import peak_tflops, step_flops
-
-        tb = stats["teacher_batch_mean"] or 2 * B
-        lora_cfg = module.model_cfg.get("lora", {})
         from tdd_lightning.models.roles import SDXL_LORA_TARGETS
 
+        B, module = cfg.batch, built.module
+        tb = stats["teacher_batch_mean"] or 2 * B
+        lora_cfg = module.model_cfg.get("lora", {})
         targets = lora_cfg.get("target_modules") or SDXL_LORA_TARGETS
         per_pass = step_flops(built.unet_config, lora_cfg | {"rank": cfg.rank}, targets, B, tb, built.text)
         total = sum(per_pass.values())
         peak = cfg.peak_tflops or peak_tflops(device, cfg.precision)
-        flops = {
+        step = stats["step_s"]
+        return {
             "per_pass": per_pass,
             "step": total,
             "achieved_tflops": total / step / 1e12,
@@ -183,27 +230,7 @@ def _run(cfg: BenchConfig, out_dir: Path) -> dict:
             "mfu": total / step / (peak * 1e12) if peak else None,
         }
     except Exception as e:  # FLOP counting is informative only: never fail the benchmark over it
-        flops = {"error": f"{type(e).__name__}: {e}"}
-
-    result = {
-        "config": {k: v for k, v in vars(cfg).items() if k != "overrides"},
-        "machine": machine(device, cfg.threads),
-        "unet_params": sum(p.numel() for n, p in module.unet.named_parameters() if "lora_" not in n),
-        "lora_params": sum(p.numel() for p in module.roles.student_params),
-        **stats,
-        "samples_per_s": B / step,
-        "bare": "a separate UNet without LoRA"
-        if built.bare is not None
-        else "the teacher role (adapters off)",
-        "naive": naive_stats,
-        "naive_ratio": naive_stats["ratio"] if naive_stats else None,
-        "flops": flops,
-        "peak_rss_mib": rss_peak_mib(),
-        "cuda_peak_gib": cuda_peak,
-        "host_syncs": syncs,
-        "wall_s": time.perf_counter() - t_start,
-    }
-    return result
+        return {"error": f"{type(e).__name__}: {e}"}
 
 
 def aggregate(records: list[dict], floor_times: dict[str, list[float]], teacher_batches: list[int]) -> dict:

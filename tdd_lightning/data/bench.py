@@ -33,8 +33,10 @@ def write_synthetic_cache(
 
     from tdd_lightning.data.encode import _sample_bytes
     from tdd_lightning.data.shards import ShardWriter
+    from tdd_lightning.models.conditioning import square_time_ids
 
     out_dir = Path(out_dir)
+    time_ids = square_time_ids(32, 1)[0]
     g = torch.Generator().manual_seed(seed)
     d1, d2 = text_dims
     per = -(-samples // shards)
@@ -45,7 +47,7 @@ def write_synthetic_cache(
                     "latents": torch.randn(latent_shape, generator=g).half(),
                     "prompt_embeds": torch.randn(77, d1 + d2, generator=g).half(),
                     "pooled_prompt_embeds": torch.randn(d2, generator=g).half(),
-                    "time_ids": torch.tensor([32.0, 32.0, 0.0, 0.0, 32.0, 32.0]),
+                    "time_ids": time_ids,
                 }
                 w.write(f"{i:08d}", {"safetensors": _sample_bytes(blob), "txt": b"a small red circle"})
     save_file(

@@ -26,6 +26,7 @@ from tdd_lightning.data.dataset import (
     collate,
 )
 from tdd_lightning.data.preprocess import SDXLPreprocess
+from tdd_lightning.data.ranks import rank_and_world
 from tdd_lightning.data.shards import check_shards_exist, expand_shards, is_url, open_shard
 
 UNCOND_FILE = "uncond.safetensors"  # written by the offline cache next to its shards
@@ -48,14 +49,6 @@ class ShardLoader(DataLoader):
                 f"{ds.skips.total} sample(s) skipped so far {ds.skips.by_reason()}; see the warnings above"
                 + (" (drop_last drops a worker's last partial batch)" if self.drop_last else "")
             )
-
-
-def _rank_and_world(trainer) -> tuple[int, int]:
-    if trainer is not None:
-        return trainer.global_rank, trainer.world_size
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
 def load_uncond(path: str) -> dict[str, torch.Tensor]:
@@ -134,7 +127,7 @@ class ShardDataModule(L.LightningDataModule):
     def _dataset(self, spec, train: bool) -> ShardDataset:
         shards = expand_shards(spec)
         check_shards_exist(shards)  # a missing path fails here, named, before any worker starts
-        rank, world = _rank_and_world(self.trainer)
+        rank, world = rank_and_world(self.trainer)
         return ShardDataset(
             shards,
             self._decoder(),

@@ -35,6 +35,84 @@ def _sample_bytes(tensors: dict[str, torch.Tensor]) -> bytes:
     return save({k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()})
 
 
+def _check_outputs(shards: list[str], out_dir: Path, overwrite: bool) -> list[str]:
+    """The output shard names (one per input, distinct); refuses to replace existing ones unless asked."""
+    names = [_out_name(s) for s in shards]
+    if len(set(names)) != len(names):
+        raise ValueError(
+            "input shards must have distinct file names (each gives the output shard of that name)"
+        )
+    existing = [n for n in names if (out_dir / n).exists()]
+    if existing and not overwrite:
+        raise FileExistsError(f"{out_dir / existing[0]} exists (pass --overwrite to replace the cache)")
+    return names
+
+
+class _ShardOutputs:
+    """One ShardWriter per output shard, each closed once its reader has moved on to a later shard."""
+
+    def __init__(self, out_dir: Path, shards: list[str], names: list[str], workers: int):
+        self.out_dir, self.names, self.workers = out_dir, names, max(workers, 1)
+        self.index = {url: i for i, url in enumerate(shards)}
+        self.writers: dict = {}
+        self.counts: dict[str, int] = {}
+
+    def write(self, url: str, key: str, blob: dict[str, torch.Tensor], caption: str) -> None:
+        from tdd_lightning.data.shards import ShardWriter
+
+        s = self.index[url]
+        if s not in self.writers:
+            # a reader handles its shards in order (shard i goes to worker i % workers): the one
+            # before this of the same reader is complete
+            for done in [j for j in self.writers if j % self.workers == s % self.workers and j < s]:
+                self.writers.pop(done).close()
+            self.writers[s] = ShardWriter(self.out_dir / self.names[s])
+        self.writers[s].write(key, {"safetensors": _sample_bytes(blob), "txt": caption.encode()})
+        self.counts[self.names[s]] = self.counts.get(self.names[s], 0) + 1
+
+    def close(self) -> None:
+        for w in self.writers.values():
+            w.close()
+
+
+def _encode_loop(
+    loader, encoder, outputs: _ShardOutputs, sample_latents: bool, generator, embeds_dtype, progress: bool
+) -> list[int] | None:
+    """Encode every batch and write its samples; returns the latent shape (None: no batch)."""
+    from tdd_lightning.progress import progress_bar
+
+    latent_shape = None
+    bar = progress_bar(unit="img", desc="encode", enabled=progress)
+    for batch in loader:
+        out = encoder(batch, sample=sample_latents, generator=generator)
+        latent_shape = list(out["latents"].shape[1:])
+        for i, url in enumerate(batch["url"]):
+            blob = {
+                "latents": out["latents"][i].half(),
+                "prompt_embeds": out["prompt_embeds"][i].to(embeds_dtype),
+                "pooled_prompt_embeds": out["pooled_prompt_embeds"][i].to(embeds_dtype),
+                "time_ids": out["time_ids"][i].float(),
+            }
+            outputs.write(url, batch["key"][i], blob, out["caption"][i])
+        bar.update(len(batch["key"]))
+        bar.set_postfix(skipped=loader.dataset.skips.total, refresh=False)
+    bar.close()
+    outputs.close()
+    return latent_shape
+
+
+def _write_uncond(encoder, out_dir: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """``uncond.safetensors``: the encoded empty prompt (float32). Returns its (prompt_embeds, pooled)."""
+    from safetensors.torch import save_file
+
+    prompt_embeds, pooled = encoder.encode_text([""])
+    save_file(
+        {"prompt_embeds": prompt_embeds[0].contiguous(), "pooled_prompt_embeds": pooled[0].contiguous()},
+        str(out_dir / "uncond.safetensors"),
+    )
+    return prompt_embeds, pooled
+
+
 def encode_shards(
     in_shards: str | list[str],
     out_dir: str | os.PathLike,
@@ -55,27 +133,20 @@ def encode_shards(
 
     Returns the metadata written to ``meta.json`` (counts included). Bad samples are skipped, counted
     and reported like in training; no usable sample at all raises ``NoValidSamplesError``.
+    Steps: check the outputs; read the shards (frozen crops and flips); encode and write each sample;
+    the encoded empty prompt; ``meta.json``.
     """
-    from safetensors.torch import save_file
     from torch.utils.data import DataLoader
-    from tqdm.auto import tqdm
 
     from tdd_lightning.data.dataset import NoValidSamplesError, RawDecoder, ShardDataset, collate
     from tdd_lightning.data.preprocess import SDXLPreprocess
-    from tdd_lightning.data.shards import ShardWriter, check_shards_exist, expand_shards
+    from tdd_lightning.data.shards import check_shards_exist, expand_shards
 
     shards = expand_shards(in_shards)
     check_shards_exist(shards)
-    names = [_out_name(s) for s in shards]
-    if len(set(names)) != len(names):
-        raise ValueError(
-            "input shards must have distinct file names (each gives the output shard of that name)"
-        )
     out_dir = Path(out_dir)
+    names = _check_outputs(shards, out_dir, overwrite)
     out_dir.mkdir(parents=True, exist_ok=True)
-    existing = [n for n in names if (out_dir / n).exists()]
-    if existing and not overwrite:
-        raise FileExistsError(f"{out_dir / existing[0]} exists (pass --overwrite to replace the cache)")
 
     resolution = resolution or encoder.vae.config.sample_size
     workers = min(num_workers, len(shards))
@@ -86,49 +157,16 @@ def encode_shards(
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=collate)
     generator = torch.Generator(encoder.device).manual_seed(seed) if sample_latents else None
 
-    index = {url: i for i, url in enumerate(shards)}
-    writers: dict[int, ShardWriter] = {}
-    counts: dict[str, int] = {}
-    latent_shape = None
     start = time.time()
-    bar = tqdm(unit="img", desc="encode", disable=not progress)
-    for batch in loader:
-        out = encoder(batch, sample=sample_latents, generator=generator)
-        latent_shape = list(out["latents"].shape[1:])
-        for i, url in enumerate(batch["url"]):
-            s = index[url]
-            if s not in writers:
-                # a reader handles its shards in order (shard i goes to worker i % workers): the one
-                # before this of the same reader is complete
-                for done in [j for j in writers if j % max(workers, 1) == s % max(workers, 1) and j < s]:
-                    writers.pop(done).close()
-                writers[s] = ShardWriter(out_dir / names[s])
-            blob = {
-                "latents": out["latents"][i].half(),
-                "prompt_embeds": out["prompt_embeds"][i].to(embeds_dtype),
-                "pooled_prompt_embeds": out["pooled_prompt_embeds"][i].to(embeds_dtype),
-                "time_ids": out["time_ids"][i].float(),
-            }
-            writers[s].write(
-                batch["key"][i], {"safetensors": _sample_bytes(blob), "txt": out["caption"][i].encode()}
-            )
-            counts[names[s]] = counts.get(names[s], 0) + 1
-        bar.update(len(batch["key"]))
-        bar.set_postfix(skipped=dataset.skips.total)
-    bar.close()
-    for w in writers.values():
-        w.close()
-    if not counts:
+    outputs = _ShardOutputs(out_dir, shards, names, workers)
+    latent_shape = _encode_loop(loader, encoder, outputs, sample_latents, generator, embeds_dtype, progress)
+    if not outputs.counts:
         raise NoValidSamplesError(
             f"no valid sample in {len(shards)} shard(s) ({shards[0]}, ...): "
             f"{dataset.skips.total} skipped {dataset.skips.by_reason()}"
         )
 
-    prompt_embeds, pooled = encoder.encode_text([""])
-    save_file(
-        {"prompt_embeds": prompt_embeds[0].contiguous(), "pooled_prompt_embeds": pooled[0].contiguous()},
-        str(out_dir / "uncond.safetensors"),
-    )
+    prompt_embeds, pooled = _write_uncond(encoder, out_dir)
     meta = {
         "resolution": resolution,
         "center_crop": center_crop,
@@ -141,9 +179,9 @@ def encode_shards(
         "pooled_dim": int(pooled.shape[-1]),
         "latents_dtype": "float16",
         "embeds_dtype": str(embeds_dtype).removeprefix("torch."),
-        "samples": sum(counts.values()),
+        "samples": sum(outputs.counts.values()),
         "skipped": dataset.skips.by_reason(),
-        "shards": counts,
+        "shards": outputs.counts,
         "seconds": round(time.time() - start, 2),
     }
     (out_dir / "meta.json").write_text(json.dumps(meta, indent=1))
@@ -176,7 +214,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--embeds-dtype", choices=["fp16", "fp32"], default="fp16", help="stored text embeddings")
     p.add_argument("--seed", type=int, default=0, help="seeds random crops/flips and latent sampling")
     p.add_argument("--overwrite", action="store_true", help="replace existing output shards")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (stderr)")
     a = p.parse_args(argv)
 
     from tdd_lightning.models.encoder import SDXLEncoder

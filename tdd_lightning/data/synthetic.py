@@ -13,7 +13,9 @@ import lightning as L
 import torch
 from torch.utils.data import Dataset
 
+from tdd_lightning.data.ranks import rank_and_world
 from tdd_lightning.data.resumable import ResumableLoader
+from tdd_lightning.models.conditioning import square_time_ids
 
 
 def text_dims(pretrained: str | Path) -> tuple[int, int]:
@@ -31,8 +33,7 @@ class SyntheticLatents(Dataset):
         self.latents = torch.randn(num_samples, c, h, w, generator=g)
         self.prompt_embeds = torch.randn(num_samples, 77, embed_dim, generator=g)
         self.pooled = torch.randn(num_samples, pooled_dim, generator=g)
-        side = 8 * h
-        self.time_ids = torch.tensor([side, side, 0, 0, side, side], dtype=torch.float32)
+        self.time_ids = square_time_ids(8 * h, 1)[0]  # an uncropped square image of the VAE's side
 
     def __len__(self) -> int:
         return self.latents.shape[0]
@@ -79,8 +80,7 @@ class SyntheticDataModule(L.LightningDataModule):
         }
 
     def train_dataloader(self) -> ResumableLoader:
-        trainer = self.trainer
-        rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+        rank, world = rank_and_world(self.trainer)
         return ResumableLoader(
             self.dataset,
             self.batch_size,

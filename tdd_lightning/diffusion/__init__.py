@@ -5,6 +5,7 @@ from tdd_lightning.diffusion.grids import k_step_schedule, target_set, teacher_g
 from tdd_lightning.diffusion.losses import LOSSES, l2_loss, pseudo_huber_loss
 from tdd_lightning.diffusion.ops import (
     add_noise,
+    append_dims,
     boundary_scalings,
     cfg_combine,
     ddim_jump,
@@ -26,6 +27,7 @@ __all__ = [
     "SCHEDULES",
     "add_noise",
     "alphas_cumprod_from_config",
+    "append_dims",
     "boundary_scalings",
     "cfg_combine",
     "ddim_jump",

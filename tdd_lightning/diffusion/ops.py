@@ -9,6 +9,14 @@ from __future__ import annotations
 import torch
 
 
+def append_dims(x: torch.Tensor, ndim: int) -> torch.Tensor:
+    """``x`` with trailing singleton dimensions up to ``ndim``: a per-sample [B] value -> [B, 1, ..., 1],
+    so it broadcasts against a sample batch [B, C, H, W] (a view, no copy)."""
+    if x.ndim > ndim:
+        raise ValueError(f"cannot append dimensions to a {x.ndim}-d tensor to make it {ndim}-d")
+    return x.view(*x.shape, *(1,) * (ndim - x.ndim))
+
+
 def add_noise(x0: torch.Tensor, eps: torch.Tensor, a_t: torch.Tensor, sigma_t: torch.Tensor) -> torch.Tensor:
     """x_t = a_t x0 + sigma_t eps."""
     return a_t * x0 + sigma_t * eps

@@ -7,6 +7,8 @@ from typing import Any
 
 import torch
 
+from tdd_lightning.diffusion.ops import append_dims
+
 
 def alphas_cumprod_from_config(config: Mapping[str, Any]) -> torch.Tensor:
     """abar_t for t = 0..T-1 from a diffusers scheduler config (float64).
@@ -54,7 +56,6 @@ class NoiseSchedule(torch.nn.Module):
     def a_sigma(self, t: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(a_t, sigma_t) for integer timesteps t of shape [B], shaped [B, 1, ..., 1] like ``like``."""
         t = t.long().to(self.a.device)
-        view = (-1,) + (1,) * (like.ndim - 1)
-        a = self.a[t].to(like.device, like.dtype).view(view)
-        sigma = self.sigma[t].to(like.device, like.dtype).view(view)
+        a = append_dims(self.a[t].to(like.device, like.dtype), like.ndim)
+        sigma = append_dims(self.sigma[t].to(like.device, like.dtype), like.ndim)
         return a, sigma

@@ -9,8 +9,17 @@ from __future__ import annotations
 
 import torch
 
+from tdd_lightning.diffusion.ops import append_dims
+
 TEXT_KEYS = ("prompt_embeds", "pooled_prompt_embeds")
 Cond = dict[str, torch.Tensor]
+
+
+def square_time_ids(size: int, batch: int, device: torch.device | str | None = None) -> torch.Tensor:
+    """SDXL micro-conditioning of ``batch`` uncropped square images of side ``size`` px, float32 [batch, 6]:
+    (original h, w, crop top, left, target h, w) = (size, size, 0, 0, size, size)."""
+    row = torch.tensor([size, size, 0, 0, size, size], dtype=torch.float32, device=device)
+    return row.repeat(batch, 1)
 
 
 def condition_from_batch(batch: dict) -> Cond:
@@ -32,8 +41,7 @@ def replace_where(mask: torch.Tensor, cond: Cond, other: Cond) -> Cond:
     """Per sample: ``other`` where mask is True, else ``cond`` (guidance dropout)."""
     out = {}
     for k, v in cond.items():
-        m = mask.view(-1, *([1] * (v.ndim - 1)))
-        out[k] = torch.where(m, other[k], v)
+        out[k] = torch.where(append_dims(mask, v.ndim), other[k], v)
     return out
 
 

@@ -143,23 +143,23 @@ def build_tiny_sdxl(out_dir: str | Path, cfg: TinySDXLConfig | None = None) -> P
 
 
 def _build_and_save(out_dir: Path, cfg: TinySDXLConfig) -> Path:
-    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
+    from diffusers import EulerDiscreteScheduler
 
+    from tdd_lightning.models.loading import SDXLComponents
     from tdd_lightning.models.tokenizer import EOS, make_clip_tokenizer
 
     tokenizer = make_clip_tokenizer(cfg.words)
     eos_id = tokenizer.convert_tokens_to_ids(EOS)
     vocab = len(tokenizer)
-    pipe = StableDiffusionXLPipeline(
-        vae=vae_from_config(cfg),
-        text_encoder=text_encoder_from_config(cfg, cfg.text_hidden_size[0], vocab, eos_id, projection=False),
-        text_encoder_2=text_encoder_from_config(cfg, cfg.text_hidden_size[1], vocab, eos_id, projection=True),
-        tokenizer=tokenizer,
-        tokenizer_2=tokenizer,
-        unet=unet_from_config(cfg),
-        scheduler=EulerDiscreteScheduler(**SDXL_SCHEDULER),
+    # built in this order (VAE, text encoders, UNet): the seeded weights depend on it
+    vae = vae_from_config(cfg)
+    te1 = text_encoder_from_config(cfg, cfg.text_hidden_size[0], vocab, eos_id, projection=False)
+    te2 = text_encoder_from_config(cfg, cfg.text_hidden_size[1], vocab, eos_id, projection=True)
+    unet = unet_from_config(cfg)
+    parts = SDXLComponents(
+        unet, vae, te1, te2, tokenizer, tokenizer, EulerDiscreteScheduler(**SDXL_SCHEDULER)
     )
-    pipe.save_pretrained(out_dir)
+    parts.to_pipeline().save_pretrained(out_dir)
     return out_dir
 
 

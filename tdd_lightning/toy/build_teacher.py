@@ -15,7 +15,7 @@ import argparse
 import json
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -56,13 +56,7 @@ def build_unet(cfg: TeacherConfig, seed: int):
     return unet_from_config(tiny)
 
 
-def main(argv: list[str] | None = None) -> dict:
-    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
-
-    from tdd_lightning.diffusion import NoiseSchedule
-    from tdd_lightning.models.encoder import SDXLEncoder
-    from tdd_lightning.models.tiny import SDXL_SCHEDULER
-
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     vd, td = VAEConfig(), TeacherConfig()
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", default="data/shapes/two", help="shapes folder (make shapes)")
@@ -78,20 +72,13 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--init-unet", help="continue training the UNet of this pipeline folder (a later stage)")
     p.add_argument("--only-vae", action="store_true", help="stop after stage 1 (artifacts/<out name>-vae)")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
-    a = p.parse_args(argv)
-    torch.set_num_threads(a.threads)
-    out = Path(a.out)
-    info: dict = {
-        "command": "python -m tdd_lightning.toy.build_teacher "
-        + " ".join(sys.argv[1:] if argv is None else argv)
-    }
+    p.add_argument("--no-progress", action="store_true", help="no training progress bars (stderr)")
+    return p.parse_args(argv)
 
-    start = time.time()
-    pixels, attributes = load_split(a.data, "train")
-    heldout, _ = load_split(a.data, "heldout", limit=500)
-    print(f"loaded {len(pixels)} train images ({time.time() - start:.0f} s)", flush=True)
 
-    # 1. autoencoder
+def stage_vae(a: argparse.Namespace, pixels: torch.Tensor, heldout: torch.Tensor) -> tuple:
+    """1. The autoencoder: trained on the train images (or reused with ``--vae``), its scaling factor set
+    to 1 / std of the latent modes. Returns (vae, latent modes, info)."""
     vcfg = VAEConfig(
         steps=a.vae_steps, batch_size=a.vae_batch, block_out_channels=tuple(a.vae_channels), seed=a.seed
     )
@@ -106,12 +93,12 @@ def main(argv: list[str] | None = None) -> dict:
     else:
         torch.manual_seed(a.seed)
         vae = build_vae(vcfg)
-        vstats = train_vae(vae, pixels, vcfg)
-        vae.save_pretrained(Path("artifacts") / f"{out.name}-vae")  # stage 1, reusable with --vae
+        vstats = train_vae(vae, pixels, vcfg, progress=not a.no_progress)
+        vae.save_pretrained(vae_folder(a.out))  # stage 1, reusable with --vae
     modes = encode_modes(vae, pixels)
     scaling = 1.0 / modes.std().item()
     vae.register_to_config(scaling_factor=scaling)
-    info["vae"] = (
+    info = (
         ({} if a.vae else asdict(vcfg))
         | vstats
         | {
@@ -121,12 +108,32 @@ def main(argv: list[str] | None = None) -> dict:
             "params": sum(q.numel() for q in vae.parameters()),
         }
     )
-    print(f"vae: {info['vae']}", flush=True)
-    if a.only_vae:
-        (Path("artifacts") / f"{out.name}-vae" / "build_info.json").write_text(json.dumps(info, indent=1))
-        return info
+    return vae, modes, info
 
-    # 2. encode: latents and unique captions
+
+def vae_folder(out: str | Path) -> Path:
+    """Where stage 1 saves the trained VAE: ``artifacts/<out name>-vae``."""
+    return Path("artifacts") / f"{Path(out).name}-vae"
+
+
+@dataclass
+class EncodedCaptions:
+    """2. The text side: the tokenizer and text encoders, the unique captions' embeddings, and for each
+    train image the index of its caption."""
+
+    tokenizer: object
+    text_encoder: torch.nn.Module
+    text_encoder_2: torch.nn.Module
+    captions: list[str]
+    caption_index: torch.Tensor  # [N] index into captions
+    prompt_embeds: torch.Tensor  # [len(captions), 77, D]
+    pooled: torch.Tensor  # [len(captions), D2]
+
+
+def stage_encode(a: argparse.Namespace, vae, attributes: list[dict]) -> EncodedCaptions:
+    """2. Encode the unique captions (the text encoders of ``--init-unet``, else fresh seeded ones)."""
+    from tdd_lightning.models.encoder import SDXLEncoder
+
     if a.init_unet:  # keep the text encoders the UNet was trained with
         from tdd_lightning.models import load_sdxl_components
 
@@ -141,11 +148,16 @@ def main(argv: list[str] | None = None) -> dict:
     embeds, pooled = zip(
         *(encoder.encode_text(captions[i : i + 512]) for i in range(0, len(captions), 512)), strict=True
     )
-    prompt_embeds, pooled = torch.cat(embeds), torch.cat(pooled)
-    latents = modes * scaling
-    time_ids = torch.tensor([[IMAGE_SIZE, IMAGE_SIZE, 0, 0, IMAGE_SIZE, IMAGE_SIZE]], dtype=torch.float32)
+    return EncodedCaptions(tokenizer, te1, te2, captions, caption_index, torch.cat(embeds), torch.cat(pooled))
 
-    # 3. UNet
+
+def stage_unet(a: argparse.Namespace, latents: torch.Tensor, text: EncodedCaptions, info: dict):
+    """3. The UNet (fresh and seeded, or ``--init-unet``'s) trained as an eps-prediction model on the scaled
+    latents; records ``init_unet`` and ``unet`` in ``info``. Returns its EMA copy."""
+    from tdd_lightning.diffusion import NoiseSchedule
+    from tdd_lightning.models.conditioning import square_time_ids
+    from tdd_lightning.models.tiny import SDXL_SCHEDULER
+
     tcfg = TeacherConfig(steps=a.unet_steps, batch_size=a.unet_batch, lr=a.unet_lr, seed=a.seed)
     unet = build_unet(tcfg, a.seed)
     if a.init_unet:
@@ -155,26 +167,60 @@ def main(argv: list[str] | None = None) -> dict:
         info["init_unet"] = json.loads((Path(a.init_unet) / "build_info.json").read_text())
     schedule = NoiseSchedule.from_config(SDXL_SCHEDULER)
     t0 = time.time()
-    ema, loss = train_teacher(unet, latents, caption_index, prompt_embeds, pooled, time_ids, schedule, tcfg)
+    ema, loss = train_teacher(
+        unet, latents, text.caption_index, text.prompt_embeds, text.pooled, square_time_ids(IMAGE_SIZE, 1),
+        schedule, tcfg, progress=not a.no_progress,
+    )  # fmt: skip
     info["unet"] = asdict(tcfg) | {
         "seconds": round(time.time() - t0),
         "final_loss_avg": loss,
         "params": sum(q.numel() for q in ema.parameters()),
-        "unique_captions": len(captions),
+        "unique_captions": len(text.captions),
     }
-    print(f"unet: {info['unet']}", flush=True)
+    return ema
 
-    pipe = StableDiffusionXLPipeline(
-        vae=vae,
-        text_encoder=te1,
-        text_encoder_2=te2,
-        tokenizer=tokenizer,
-        tokenizer_2=tokenizer,
-        unet=ema,
-        scheduler=EulerDiscreteScheduler(**SDXL_SCHEDULER),
-    )
+
+def save_pipeline(out: Path, vae, text: EncodedCaptions, unet) -> None:
+    """The diffusers folder: the parts as a stock SDXL pipeline (Euler scheduler), in fp16."""
+    from diffusers import EulerDiscreteScheduler
+
+    from tdd_lightning.models.loading import SDXLComponents
+    from tdd_lightning.models.tiny import SDXL_SCHEDULER
+
+    parts = SDXLComponents(
+        unet, vae, text.text_encoder, text.text_encoder_2, text.tokenizer, text.tokenizer,
+        EulerDiscreteScheduler(**SDXL_SCHEDULER),
+    )  # fmt: skip
+    pipe = parts.to_pipeline()
     pipe.to(torch.float16)
     pipe.save_pretrained(out)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    a = parse_args(argv)
+    torch.set_num_threads(a.threads)
+    out = Path(a.out)
+    info: dict = {
+        "command": "python -m tdd_lightning.toy.build_teacher "
+        + " ".join(sys.argv[1:] if argv is None else argv)
+    }
+
+    start = time.time()
+    pixels, attributes = load_split(a.data, "train")
+    heldout, _ = load_split(a.data, "heldout", limit=500)
+    print(f"loaded {len(pixels)} train images ({time.time() - start:.0f} s)", flush=True)
+
+    vae, modes, info["vae"] = stage_vae(a, pixels, heldout)
+    print(f"vae: {info['vae']}", flush=True)
+    if a.only_vae:
+        (vae_folder(out) / "build_info.json").write_text(json.dumps(info, indent=1))
+        return info
+
+    text = stage_encode(a, vae, attributes)
+    ema = stage_unet(a, modes * vae.config.scaling_factor, text, info)
+    print(f"unet: {info['unet']}", flush=True)
+
+    save_pipeline(out, vae, text, ema)
     info["total_seconds"] = round(time.time() - start)
     info["size_mib"] = round(sum(f.stat().st_size for f in out.rglob("*") if f.is_file()) / 2**20, 2)
     (out / "build_info.json").write_text(json.dumps(info, indent=1, default=str))

@@ -30,11 +30,13 @@ class ToyEvaluation(L.Callback):
         cache_dir: str | None = None,
         out_dir: str | None = None,
         role: str = "student",
+        progress: bool = True,
     ):
         self.evaluator, self.data = evaluator, data
         self.steps, self.etas, self.guidance = list(steps), list(etas), guidance
         self.teacher_steps, self.teacher_guidance = list(teacher_steps), teacher_guidance
         self.n, self.seed, self.cache_dir, self.out_dir, self.role = n, seed, cache_dir, out_dir, role
+        self.progress = progress  # bars (stderr) over the sampling of each cell: the teacher's take minutes
         self.table: str | None = None
 
     def on_fit_start(self, trainer, pl_module):
@@ -68,6 +70,7 @@ class ToyEvaluation(L.Callback):
             ref_guidance=self.teacher_guidance,
             cache_dir=self.cache_dir,
             device=pl_module.device,
+            progress=self.progress,
         )
         selection = pl_module.hparams["target_selection"]
         schedule, _ = recorded_inference(pl_module.hparams)  # what the exported LoRA would carry

@@ -15,8 +15,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
+from tdd_lightning.progress import progress_bar
 from tdd_lightning.toy.data import HEADS, to_unit
 
 
@@ -74,7 +74,7 @@ def train_classifier(
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_lr(s, steps, steps // 20))
     model.train()
     avg = None
-    bar = tqdm(range(steps), desc="evaluator", mininterval=5)
+    bar = progress_bar(range(steps), desc="evaluator", mininterval=5)
     for step in bar:
         if step % (len(pixels) // cfg.batch_size) == 0:
             order = torch.randperm(len(pixels), generator=g)

@@ -90,7 +90,7 @@ def build_suite(a):
     try:
         return Suite.from_teacher(
             a.teacher, a.evaluator, a.data, n=a.n, ref_steps=a.ref_steps, ref_guidance=a.teacher_guidance,
-            cache_dir=a.cache_dir, device=a.device,
+            cache_dir=a.cache_dir, device=a.device, progress=not a.no_progress,
         )  # fmt: skip
     except ModelNotFoundError as e:
         raise UserError(f"--teacher: {e}") from None
@@ -129,6 +129,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--device", default="cpu", help="cpu, cuda, cuda:1, ... (initial noise is drawn on the CPU)"
     )
+    p.add_argument("--no-progress", action="store_true", help="no progress bars (stderr) while sampling")
     p.add_argument("--wandb", action="store_true", help="log table, plots and grid to wandb")
     p.add_argument("--wandb-project", default="tdd_lightning")
     p.add_argument("--name", default=None, help="wandb run name")

@@ -10,8 +10,9 @@ from pathlib import Path
 
 import torch
 
+from tdd_lightning.pipelines import Setting
 from tdd_lightning.toy.sampling import trailing_timesteps
-from tdd_lightning.toy.suite import Setting, student_timesteps
+from tdd_lightning.toy.suite import student_timesteps
 
 TEACHER = "teacher DDIM"
 GRID_PROMPTS = 8  # rows of the sample grid: the first prompts of the suite

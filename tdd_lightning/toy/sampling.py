@@ -5,8 +5,9 @@ from __future__ import annotations
 import torch
 
 from tdd_lightning.diffusion import NoiseSchedule
-from tdd_lightning.diffusion.sampling import guided, tdd_sample
+from tdd_lightning.diffusion.sampling import tdd_sample
 from tdd_lightning.diffusion.timesteps import trailing_timesteps as trailing_timesteps  # re-exported
+from tdd_lightning.progress import progress_bar
 from tdd_lightning.toy.data import to_uint8
 
 IMAGE_SIZE = 32
@@ -15,6 +16,7 @@ IMAGE_SIZE = 32
 @torch.no_grad()
 def encode_prompts(components, captions: list[str]) -> dict[str, torch.Tensor]:
     """The conditions of ``captions`` (float32, time ids of a 32x32 uncropped image)."""
+    from tdd_lightning.models.conditioning import square_time_ids
     from tdd_lightning.models.encoder import SDXLEncoder
 
     enc = SDXLEncoder(
@@ -25,11 +27,10 @@ def encode_prompts(components, captions: list[str]) -> dict[str, torch.Tensor]:
         components.tokenizer_2,
     )
     embeds, pooled = enc.encode_text(captions)
-    time_ids = torch.tensor([[IMAGE_SIZE, IMAGE_SIZE, 0, 0, IMAGE_SIZE, IMAGE_SIZE]], dtype=torch.float32)
     return {
         "prompt_embeds": embeds,
         "pooled_prompt_embeds": pooled,
-        "time_ids": time_ids.expand(len(captions), -1),
+        "time_ids": square_time_ids(IMAGE_SIZE, len(captions)),
     }
 
 
@@ -50,27 +51,36 @@ def sample_images(
     batch_size: int = 250,
     eta: float = 0.0,
     seed: int = 0,
+    progress: bool = False,
 ) -> torch.Tensor:
     """uint8 images [N, 3, 32, 32]: ``tdd_sample`` on ``timesteps`` (eta 0: DDIM) with CFG ``guidance``,
     then decode (images on the CPU). The re-noising draws (eta > 0) come from ``seed``, so a cell is
-    reproducible."""
-    from tdd_lightning.models.conditioning import unet_eps
+    reproducible. ``progress``: a bar over the UNet steps (batches x steps) on stderr.
+
+    CFG is standard (eps_u + g (eps_c - eps_u), against the zeros condition) from one batched forward
+    [conditional | unconditional] per step (``teacher_cfg_eps``); g = 1 runs the conditional alone."""
+    from tdd_lightning.models.conditioning import teacher_cfg_eps, unconditional_like, unet_eps
 
     out = []
     generator = torch.Generator(device=x_T.device).manual_seed(seed)
-    for i in range(0, len(x_T), batch_size):
-        c = {k: v[i : i + batch_size] for k, v in cond.items()}
-        u = {k: (v if k == "time_ids" else torch.zeros_like(v)) for k, v in c.items()}
-        both = {k: torch.cat([c[k], u[k]]) for k in c}
+    starts = range(0, len(x_T), batch_size)
+    desc = f"sample {len(timesteps)} st. eta {eta:g} g {guidance:g}"
+    with progress_bar(total=len(starts) * len(timesteps), desc=desc, unit="step", enabled=progress) as bar:
+        for i in starts:
+            c = {k: v[i : i + batch_size] for k, v in cond.items()}
+            u = unconditional_like(c, None)
 
-        def eps_batched(x, t, both=both):
-            eps_c, eps_u = unet_eps(unet, torch.cat([x, x]), torch.cat([t, t]), both).chunk(2)
-            return eps_u + guidance * (eps_c - eps_u)
+            def eps_fn(x, t, c=c, u=u):
+                if guidance == 1.0:
+                    eps = unet_eps(unet, x, t, c)
+                else:
+                    eps_c, eps_u = teacher_cfg_eps(unet, x, t, c, u, same=None)
+                    eps = eps_u + guidance * (eps_c - eps_u)
+                bar.update(1)
+                return eps
 
-        def eps_cond(x, t, c=c):
-            return unet_eps(unet, x, t, c)
-
-        eps_fn = guided(eps_cond, None, 1.0) if guidance == 1.0 else eps_batched
-        x0 = tdd_sample(eps_fn, x_T[i : i + batch_size], timesteps, schedule, eta=eta, generator=generator)
-        out.append(to_uint8(vae.decode(x0 / vae.config.scaling_factor).sample).cpu())
+            x0 = tdd_sample(
+                eps_fn, x_T[i : i + batch_size], timesteps, schedule, eta=eta, generator=generator
+            )
+            out.append(to_uint8(vae.decode(x0 / vae.config.scaling_factor).sample).cpu())
     return torch.cat(out)

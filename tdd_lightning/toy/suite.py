@@ -3,8 +3,9 @@
 A :class:`Suite` holds what every evaluated cell shares: the first ``n`` held-out captions (their
 conditions and labels), the evaluator's features of ``n`` other held-out real images (for FD at equal
 counts), the teacher's VAE and noise schedule. :meth:`Suite.cell` samples one model at one setting
-(steps, eta, guidance, sampling seed) and scores it. Agreement compares with the teacher's reference
-image of the same prompt and initial noise (``ref_steps`` DDIM steps, eta 0, ``ref_guidance``).
+(a :class:`~tdd_lightning.pipelines.Setting`: steps, eta, guidance, sampling seed) and scores it.
+Agreement compares with the teacher's reference image of the same prompt and initial noise
+(``ref_steps`` DDIM steps, eta 0, ``ref_guidance``).
 
 Teacher cells are deterministic functions of the shipped teacher and the settings, so they are cached
 on disk (``cache_dir``; keyed by the teacher's UNet file hash and the settings).
@@ -17,25 +18,18 @@ import json
 import time
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
+from tdd_lightning.pipelines import Setting
 from tdd_lightning.toy.data import labels_tensor, load_split
 from tdd_lightning.toy.metrics import agreement, classify, score
 from tdd_lightning.toy.sampling import encode_prompts, initial_noise, sample_images, trailing_timesteps
 
 # a model's K-step schedule (descending timesteps)
 TimestepFn = Callable[[int], list[int]]
-
-
-@dataclass(frozen=True)
-class Setting:
-    steps: int
-    eta: float
-    guidance: float
-    seed: int
 
 
 def student_timesteps(scheduler) -> TimestepFn:
@@ -70,6 +64,7 @@ class Suite:
         cache_dir: str | Path | None = None,
         teacher_id: str = "teacher",
         device: str | torch.device = "cpu",
+        progress: bool = True,
     ):
         from tdd_lightning.diffusion import NoiseSchedule
 
@@ -90,6 +85,7 @@ class Suite:
         self.cond = {k: v.to(self.device) for k, v in cond.items()}
         self.cache_dir = Path(cache_dir) if cache_dir else None
         self.teacher_id = teacher_id
+        self.progress = progress  # a bar (stderr) over each cell's sampling steps
         self._refs: dict[int, torch.Tensor] = {}
 
     @classmethod
@@ -142,8 +138,9 @@ class Suite:
         )  # drawn on the CPU: the same on any device
         cond = {k: v[:count] for k, v in self.cond.items()}
         return sample_images(
-            unet, self.vae, cond, x_T, list(timesteps), s.guidance, self.schedule, eta=s.eta, seed=s.seed
-        )
+            unet, self.vae, cond, x_T, list(timesteps), s.guidance, self.schedule, eta=s.eta, seed=s.seed,
+            progress=self.progress,
+        )  # fmt: skip
 
     def cell(self, unet, timesteps: TimestepFn, s: Setting) -> tuple[dict[str, float], torch.Tensor]:
         """Metrics of one model at one setting (and its images, for grids)."""

@@ -12,10 +12,10 @@ import copy
 from dataclasses import dataclass
 
 import torch
-from tqdm.auto import tqdm
 
-from tdd_lightning.diffusion import NoiseSchedule
+from tdd_lightning.diffusion import NoiseSchedule, append_dims
 from tdd_lightning.models.conditioning import unet_eps
+from tdd_lightning.progress import progress_bar
 from tdd_lightning.toy.vae import cosine_lr
 
 
@@ -58,15 +58,15 @@ def train_teacher(
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_lr(s, cfg.steps, cfg.warmup))
     unet.train()
     T = schedule.num_train_timesteps
-    bar = tqdm(range(cfg.steps), desc="teacher", disable=not progress, mininterval=5)
+    bar = progress_bar(range(cfg.steps), desc="teacher", enabled=progress, mininterval=5)
     avg = None
     for step in bar:
         idx = torch.randint(0, latents.shape[0], (cfg.batch_size,), generator=g)
         x0, j = latents[idx], caption_index[idx]
         keep = (torch.rand(cfg.batch_size, generator=g) >= cfg.p_uncond).float()
         cond = {
-            "prompt_embeds": prompt_embeds[j] * keep[:, None, None],
-            "pooled_prompt_embeds": pooled[j] * keep[:, None],
+            "prompt_embeds": prompt_embeds[j] * append_dims(keep, prompt_embeds.ndim),
+            "pooled_prompt_embeds": pooled[j] * append_dims(keep, pooled.ndim),
             "time_ids": time_ids.expand(cfg.batch_size, -1),
         }
         t = torch.randint(0, T, (cfg.batch_size,), generator=g)

@@ -10,8 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from tqdm.auto import tqdm
 
+from tdd_lightning.progress import progress_bar
 from tdd_lightning.toy.data import to_unit
 
 
@@ -56,7 +56,7 @@ def train_vae(vae, pixels: torch.Tensor, cfg: VAEConfig, progress: bool = True) 
     opt = torch.optim.AdamW(vae.parameters(), lr=cfg.lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_lr(s, cfg.steps, cfg.warmup))
     vae.train()
-    bar = tqdm(range(cfg.steps), desc="vae", disable=not progress, mininterval=5)
+    bar = progress_bar(range(cfg.steps), desc="vae", enabled=progress, mininterval=5)
     stats = {}
     for _ in bar:
         idx = torch.randint(0, pixels.shape[0], (cfg.batch_size,), generator=g)

@@ -47,6 +47,7 @@ class SampleGrid(L.Callback):
         if not self.prompts or not (trainer.is_global_zero or self.sharded(trainer)):
             return
         from tdd_lightning.models import load_sdxl_components
+        from tdd_lightning.models.conditioning import square_time_ids
 
         parts = load_sdxl_components(
             pl_module.model_cfg["pretrained"], load_vae=True, load_text_encoders=True
@@ -57,7 +58,7 @@ class SampleGrid(L.Callback):
                 self.prompts, device="cpu", do_classifier_free_guidance=False
             )
         size = pl_module.unet.config.sample_size * pipe.vae_scale_factor
-        time_ids = torch.tensor([[size, size, 0, 0, size, size]] * len(self.prompts), dtype=torch.float32)
+        time_ids = square_time_ids(size, len(self.prompts))
         self.cond = {"prompt_embeds": pe, "pooled_prompt_embeds": pooled, "time_ids": time_ids}
         self.vae = parts.vae
 
