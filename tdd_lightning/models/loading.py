@@ -62,6 +62,14 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
         return False
 
 
+def is_hub_id(pretrained: str | os.PathLike) -> bool:
+    """``org/name`` that is not a local folder: looked up on the hub, never written to as a folder."""
+    text = str(pretrained)
+    if Path(os.path.expanduser(text)).is_dir():
+        return False
+    return not (Path(text).is_absolute() or text.startswith((".", "~")) or text.count("/") != 1)
+
+
 def resolve_model_path(pretrained: str | os.PathLike, revision: str | None = None) -> Path:
     """A local folder holding the pipeline: the path itself, the hub cache, or a fresh download."""
     path = Path(os.path.expanduser(str(pretrained)))
@@ -70,7 +78,7 @@ def resolve_model_path(pretrained: str | os.PathLike, revision: str | None = Non
         if missing:
             raise ModelNotFoundError(f"{path} is not a diffusers SDXL folder (missing {', '.join(missing)}/)")
         return path
-    if path.is_absolute() or str(pretrained).startswith((".", "~")) or str(pretrained).count("/") != 1:
+    if not is_hub_id(pretrained):
         raise ModelNotFoundError(f"model folder {path} does not exist (give a diffusers SDXL folder)")
     from huggingface_hub import snapshot_download
 

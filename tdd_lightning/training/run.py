@@ -18,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from tdd_lightning.checkpoint_io import CheckpointError, check_checkpoint
 from tdd_lightning.errors import ConfigError, UserError
-from tdd_lightning.models.loading import ModelNotFoundError, resolve_model_path
+from tdd_lightning.models.loading import ModelNotFoundError, is_hub_id, resolve_model_path
 from tdd_lightning.module import TDDModule
 from tdd_lightning.training.building import build, build_strategies, check_cheap
 from tdd_lightning.training.run_folder import (
@@ -34,22 +34,52 @@ warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode.*")
 warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\).*")
 
 
-def prepare_model(model_cfg: DictConfig) -> None:
-    """Fail fast on a model that cannot be found; build the tiny pipeline if asked to."""
-    path = Path(str(model_cfg.pretrained))
+BUILT_MARKER = ".built-by-tdd_lightning"  # written into folders the random-model builders filled
+
+
+def prepare_model(model_cfg: DictConfig, owned: list[str | None] = ()) -> None:
+    """Fail fast on a model that cannot be found; build a random model only where that is safe.
+
+    ``build_if_missing`` (the tiny and arch model groups) writes a random model only into a folder the
+    project owns (under one of ``owned``: the artifacts and log folders), an empty folder, or one it
+    built before; never into a user's folder with other files (a partial SDXL copy) and never at a path
+    spelled like a hub id (``org/name``), which would later shadow the real model.
+    """
+    path = Path(str(model_cfg.pretrained)).expanduser()
     if model_cfg.get("build_if_missing") and not (path / "unet").is_dir():
-        if not model_cfg.get("builder"):
-            raise UserError(
-                "model.build_if_missing=true needs model.builder (a function that writes the folder)"
-            )
+        check_can_build_into(model_cfg, path, owned)
         from tdd_lightning.training.distributed import import_class
 
         log.info("building %s into %s", model_cfg.builder, path)
         import_class(model_cfg.builder)(path)
+        (path / BUILT_MARKER).write_text(f"{model_cfg.builder}\n")
     try:
         resolve_model_path(str(model_cfg.pretrained), model_cfg.get("revision"))
     except ModelNotFoundError as e:
         raise UserError(f"model.pretrained: {e}") from None
+
+
+def check_can_build_into(model_cfg: DictConfig, path: Path, owned: list[str | None]) -> None:
+    if not model_cfg.get("builder"):
+        raise UserError("model.build_if_missing=true needs model.builder (a function that writes the folder)")
+    where = f"model.pretrained={model_cfg.pretrained}"
+    if is_hub_id(str(model_cfg.pretrained)):
+        raise UserError(
+            f"{where} is a hub id: random models are built only into local folders (an absolute path), "
+            "so a hub id never becomes a folder that shadows the real model"
+        )
+    roots = [Path(str(r)).expanduser().resolve() for r in owned if r]
+    inside = any(path.resolve().is_relative_to(r) for r in roots)
+    if path.is_dir() and any(path.iterdir()) and not (path / BUILT_MARKER).exists():
+        raise UserError(
+            f"{where} holds files but no unet/: refusing to build a random model into it (it would "
+            "overwrite them); give a complete diffusers folder, or model.build_if_missing=false"
+        )
+    if not path.exists() and not inside:
+        raise UserError(
+            f"{where} does not exist; a random model is built only under the project's folders "
+            f"({', '.join(map(str, roots))}) or into an empty folder you created: check the path"
+        )
 
 
 def build_module(cfg: DictConfig, strategies: dict[str, Any] | None = None) -> TDDModule:
@@ -109,7 +139,7 @@ def fit(cfg: DictConfig, module: TDDModule) -> dict[str, float]:
     """Locate the model, build data, callbacks, loggers and the trainer; fit; write metrics.json."""
     L.seed_everything(cfg.seed, workers=True)
     # only then the model (located, or built when asked for) and the data
-    prepare_model(cfg.model)
+    prepare_model(cfg.model, owned=[cfg.paths.get("artifacts_dir"), cfg.paths.get("log_dir")])
     datamodule = build("data", cfg.data)
     callbacks = [build(f"callbacks.{k}", v) for k, v in (cfg.get("callbacks") or {}).items() if v]
     loggers = [build(f"logger.{k}", v) for k, v in (cfg.get("logger") or {}).items() if v]
