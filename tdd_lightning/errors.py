@@ -38,6 +38,36 @@ def check(ok: bool, key: str, value, allowed: str) -> None:
         raise ConfigError(key, value, allowed)
 
 
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def check_int(key: str, value, minimum: int = 1) -> int:
+    """An integer >= minimum (not a float, not a bool), or ConfigError naming ``key``."""
+    check(_is_int(value) and value >= minimum, key, value, f"must be an integer >= {minimum}")
+    return value
+
+
+def check_ints(key: str, values, minimum: int = 1) -> list[int]:
+    """A non-empty list of integers >= minimum."""
+    items = [values] if isinstance(values, (str, bytes)) or not hasattr(values, "__iter__") else list(values)
+    ok = bool(items) and all(_is_int(v) and v >= minimum for v in items)
+    check(ok, key, values, f"must be a non-empty list of integers >= {minimum}")
+    return items
+
+
+def check_number(key: str, value, low: float | None = None, high: float | None = None) -> float:
+    """A finite number in [low, high] (either bound may be open-ended), or ConfigError naming ``key``."""
+    import math
+
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    ok = ok and (low is None or value >= low) and (high is None or value <= high)
+    words = {(True, True): f"in [{low}, {high}]", (True, False): f">= {low}", (False, True): f"<= {high}"}
+    bounds = words.get((low is not None, high is not None), "")
+    check(ok, key, value, f"must be a finite number {bounds}".rstrip())
+    return float(value)
+
+
 def report(error: BaseException) -> None:
     """The one-line form of a user error on stderr."""
     print(f"error: {error}", file=sys.stderr)

@@ -114,3 +114,38 @@ def test_precheck_reads_sweeps_and_skips_flags():
 def test_strategies_check_their_own_ranges():
     with pytest.raises(ConfigError, match=r"^p_empty=1\.5 is invalid"):
         DecoupledGuidance(p_empty=1.5)
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        (
+            "callbacks.sample_grid.every_n_steps=0",
+            "callbacks.sample_grid.every_n_steps=0 is invalid: must be an",
+        ),
+        (
+            "callbacks.sample_grid.steps=[4,0]",
+            "callbacks.sample_grid.steps=[4, 0] is invalid: must be a non-empty",
+        ),
+        (
+            "callbacks.sample_grid.eta=1.5",
+            "callbacks.sample_grid.eta=1.5 is invalid: must be a finite number in",
+        ),
+        ("callbacks.time_histograms.every_n_steps=0", "callbacks.time_histograms.every_n_steps=0 is invalid"),
+        (
+            "callbacks.lora_export.formats=onnx",
+            "callbacks.lora_export.formats='onnx' is invalid: choose from",
+        ),
+        (
+            "callbacks.model_checkpoint.every_n_train_steps=-1",
+            "callbacks.model_checkpoint: Invalid value for",
+        ),
+    ],
+)
+def test_callback_settings_are_checked_at_startup(override, message, tmp_path):
+    """Issue 14, item 6: a bad grid setting fails before training, not at the first grid hours later."""
+    from tdd_lightning.training.run import check_config
+
+    with pytest.raises(UserError) as e:
+        check_config(compose_cfg([override], tmp_path))
+    assert str(e.value).startswith(message), str(e.value)

@@ -14,6 +14,8 @@ from pathlib import Path
 import lightning as L
 import torch
 
+from tdd_lightning.errors import check, check_int, check_ints, check_number
+
 
 class ToyEvaluation(L.Callback):
     def __init__(
@@ -33,9 +35,14 @@ class ToyEvaluation(L.Callback):
         progress: bool = True,
     ):
         self.evaluator, self.data = evaluator, data
-        self.steps, self.etas, self.guidance = list(steps), list(etas), guidance
-        self.teacher_steps, self.teacher_guidance = list(teacher_steps), teacher_guidance
-        self.n, self.seed, self.cache_dir, self.out_dir, self.role = n, seed, cache_dir, out_dir, role
+        self.steps, self.guidance = check_ints("steps", steps), check_number("guidance", guidance, 0.0)
+        check(hasattr(etas, "__len__") and len(etas) > 0, "etas", etas, "must be a non-empty list in [0, 1]")
+        self.etas = [check_number("etas", e, 0.0, 1.0) for e in etas]
+        self.teacher_steps = check_ints("teacher_steps", teacher_steps)
+        self.teacher_guidance = check_number("teacher_guidance", teacher_guidance, 0.0)
+        self.n, self.seed = check_int("n", n), check_int("seed", seed, 0)
+        check(role in ("student", "target"), "role", role, "must be student or target")
+        self.cache_dir, self.out_dir, self.role = cache_dir, out_dir, role
         self.progress = progress  # bars (stderr) over the sampling of each cell: the teacher's take minutes
         self.table: str | None = None
 

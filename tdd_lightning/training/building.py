@@ -31,7 +31,9 @@ def build(group: str, node: DictConfig | None, **kwargs) -> Any:
         cause = e.__cause__
         if isinstance(cause, ConfigError):
             raise cause.with_prefix(group) from None
-        if isinstance(cause, (ValueError, FileNotFoundError, TypeError)):
+        if isinstance(cause, (ValueError, FileNotFoundError, TypeError)) or type(cause).__name__ == (
+            "MisconfigurationException"  # Lightning's own check of its callbacks' and trainer's settings
+        ):
             raise UserError(f"{group}: {cause}") from None
         raise
 

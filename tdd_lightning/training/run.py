@@ -10,6 +10,7 @@ import json
 import logging
 import warnings
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -109,13 +110,28 @@ def resolve_ckpt_path(cfg: DictConfig) -> str | None:
     return str(newest) if newest else None
 
 
-def check_config(cfg: DictConfig) -> TDDModule:
-    """Everything that can be checked before loading anything heavy; returns the module, not yet loaded.
+@dataclass
+class Prepared:
+    """What the cheap checks built: the module (its UNet not yet loaded) and the callbacks."""
 
-    Every knob's range and type, the strategies and the module built (they check their own knobs), and a
-    resume checkpoint readable: all before the model is located, so a bad value never waits on a download.
+    module: TDDModule
+    callbacks: list[L.Callback]
+
+
+def build_callbacks(cfg: DictConfig) -> list[L.Callback]:
+    """Every callback, built (so its settings checked) at start-up, not at its first use hours later."""
+    return [build(f"callbacks.{k}", v) for k, v in (cfg.get("callbacks") or {}).items() if v]
+
+
+def check_config(cfg: DictConfig) -> Prepared:
+    """Everything that can be checked before loading anything heavy; returns what it built.
+
+    Every knob's range and type, the strategies, the module and the callbacks built (each checks its own
+    settings), and a resume checkpoint readable: all before the model is located, so a bad value never
+    waits on a download or crashes a run at its first sample grid.
     """
     module = build_module(cfg, check_cheap(cfg))
+    callbacks = build_callbacks(cfg)
     ckpt_path = resolve_ckpt_path(cfg)
     if ckpt_path:
         try:
@@ -124,24 +140,24 @@ def check_config(cfg: DictConfig) -> TDDModule:
             raise UserError(f"ckpt_path: {e}") from None
     elif is_rank_zero():
         refuse_fresh_run_over_checkpoints(cfg.paths.output_dir)
-    return module
+    return Prepared(module, callbacks)
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
     # cheap checks first: every knob's range and type, the strategies built, the checkpoint readable
-    module = check_config(cfg)
+    prepared = check_config(cfg)
     owner = RunFolderLock(cfg.paths.output_dir) if is_rank_zero() else nullcontext()
     with owner:  # one run per folder (rank 0 holds the lock for the job)
-        return fit(cfg, module)
+        return fit(cfg, prepared)
 
 
-def fit(cfg: DictConfig, module: TDDModule) -> dict[str, float]:
+def fit(cfg: DictConfig, prepared: Prepared) -> dict[str, float]:
     """Locate the model, build data, callbacks, loggers and the trainer; fit; write metrics.json."""
     L.seed_everything(cfg.seed, workers=True)
     # only then the model (located, or built when asked for) and the data
     prepare_model(cfg.model, owned=[cfg.paths.get("artifacts_dir"), cfg.paths.get("log_dir")])
     datamodule = build("data", cfg.data)
-    callbacks = [build(f"callbacks.{k}", v) for k, v in (cfg.get("callbacks") or {}).items() if v]
+    module, callbacks = prepared.module, prepared.callbacks
     loggers = [build(f"logger.{k}", v) for k, v in (cfg.get("logger") or {}).items() if v]
     trainer: L.Trainer = build("trainer", cfg.trainer, callbacks=callbacks, logger=loggers or False)
     resolved = {k: OmegaConf.to_container(cfg[k], resolve=True) if OmegaConf.is_config(cfg[k]) else cfg[k]

@@ -22,7 +22,9 @@ import lightning as L
 from lightning.fabric.plugins.io.checkpoint_io import CheckpointIO
 from lightning.pytorch.utilities import rank_zero_warn
 
-from tdd_lightning.export import export_lora
+from tdd_lightning.errors import ConfigError, check
+from tdd_lightning.export import FORMATS, ROLES, _as_list, export_lora
+from tdd_lightning.models.dtypes import DTYPES
 
 
 def lora_dir_for(checkpoint_path: str | Path, suffix: str = "_lora") -> Path:
@@ -70,6 +72,12 @@ class LoRAExport(L.Callback):
     def __init__(
         self, roles: str = "both", formats: str = "both", dtype: str | None = None, suffix: str = "_lora"
     ):
+        for key, value, allowed in (("roles", roles, ROLES), ("formats", formats, FORMATS)):
+            try:
+                _as_list(value, allowed, key)
+            except ValueError:
+                raise ConfigError(key, value, f"choose from {allowed} or 'both'") from None
+        check(dtype is None or dtype in DTYPES, "dtype", dtype, f"null or one of {', '.join(DTYPES)}")
         self.roles, self.formats, self.dtype, self.suffix = roles, formats, dtype, suffix
         self.exported: list[Path] = []  # LoRA folders written in this run, in order
         self._wrapped: _ExportingCheckpointIO | None = None

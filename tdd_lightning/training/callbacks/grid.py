@@ -13,6 +13,7 @@ from pathlib import Path
 import lightning as L
 import torch
 
+from tdd_lightning.errors import check, check_int, check_ints, check_number
 from tdd_lightning.plotting import label_grid
 
 
@@ -28,8 +29,13 @@ class SampleGrid(L.Callback):
         out_dir: str | None = None,
         role: str = "student",
     ):
-        self.prompts, self.steps, self.seed = list(prompts), list(steps), seed
-        self.eta, self.guidance_scale, self.every_n_steps = eta, guidance_scale, every_n_steps
+        check(all(isinstance(q, str) for q in prompts), "prompts", prompts, "must be a list of strings")
+        self.prompts, self.steps = list(prompts), check_ints("steps", steps)
+        self.seed = check_int("seed", seed, 0)
+        self.eta = check_number("eta", eta, 0.0, 1.0)
+        self.guidance_scale = check_number("guidance_scale", guidance_scale, 0.0)
+        self.every_n_steps = check_int("every_n_steps", every_n_steps)
+        check(role in ("student", "target"), "role", role, "must be student or target")
         self.out_dir, self.role = out_dir, role
         self.cond = None
         self.vae = None

@@ -6,12 +6,14 @@ import time
 
 import lightning as L
 
+from tdd_lightning.errors import check_int
+
 
 class SamplesPerSecond(L.Callback):
     """Logs train/samples_per_s: samples of all ranks per second of wall time, over a window of batches."""
 
     def __init__(self, window: int = 10):
-        self.window = window
+        self.window = check_int("window", window)
         self._t0: float | None = None
         self._samples = 0
 
@@ -31,7 +33,7 @@ class TimeHistograms(L.Callback):
     """Every N steps, histograms of the start times t and target times s to wandb (if it is a logger)."""
 
     def __init__(self, every_n_steps: int = 50):
-        self.every_n_steps = every_n_steps
+        self.every_n_steps = check_int("every_n_steps", every_n_steps)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         step = trainer.global_step
