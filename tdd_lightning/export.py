@@ -32,6 +32,7 @@ from typing import Any
 import torch
 
 from tdd_lightning.checkpoint_io import CheckpointError, atomic_write, load_checkpoint
+from tdd_lightning.errors import ConfigError, UserError, report
 from tdd_lightning.models.dtypes import DTYPES
 from tdd_lightning.strategies.inference import recorded_inference
 
@@ -207,7 +208,7 @@ def _as_list(value: str | Iterable[str], allowed: tuple[str, ...], what: str) ->
     items = list(allowed) if value in ("both", "all") else [value] if isinstance(value, str) else list(value)
     bad = [v for v in items if v not in allowed]
     if bad or not items:
-        raise ValueError(f"{what}={value!r}: choose from {allowed} or 'both'")
+        raise ConfigError(what, value, f"choose from {allowed} or 'both'")
     return items
 
 
@@ -226,7 +227,7 @@ def export_lora(
     """
     roles, formats = _as_list(roles, ROLES, "role"), _as_list(formats, FORMATS, "format")
     if dtype is not None and dtype not in DTYPES:
-        raise ValueError(f"dtype={dtype!r}: choose from {tuple(DTYPES)}")
+        raise ConfigError("dtype", dtype, f"choose from {tuple(DTYPES)}")
     ckpt = load_checkpoint(checkpoint) if isinstance(checkpoint, (str, os.PathLike)) else checkpoint
     state_dict = ckpt["state_dict"]
     written: dict[tuple[str, str], Path] = {}
@@ -283,8 +284,8 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     try:
         written = export_lora(a.checkpoint, a.out, roles=a.role, formats=a.format, dtype=a.dtype)
-    except (CheckpointError, ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (UserError, OSError) as e:  # a bad file or folder: one line, not a traceback
+        report(e)
         return 1
     for (role, fmt), path in written.items():
         print(f"{role:7s} {fmt:9s} {path}")

@@ -4,5 +4,6 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from tdd_lightning.bench.cli import main  # noqa: E402
+from tdd_lightning.errors import exit_on_user_error  # noqa: E402
 
-main()
+exit_on_user_error(main)

@@ -177,4 +177,6 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from tdd_lightning.errors import exit_on_user_error
+
+    exit_on_user_error(main)

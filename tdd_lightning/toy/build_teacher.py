@@ -229,4 +229,6 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    from tdd_lightning.errors import exit_on_user_error
+
+    exit_on_user_error(main)
