@@ -8,7 +8,7 @@ from tdd_lightning.strategies.guidance import (
     LCMRangeGuidance,
     NoGuidance,
 )
-from tdd_lightning.strategies.loss import DistillationLoss
+from tdd_lightning.strategies.loss import DistillationLoss, L2Loss, PseudoHuberLoss
 from tdd_lightning.strategies.target_selection import (
     LCMSelection,
     PCMSelection,
@@ -23,10 +23,12 @@ __all__ = [
     "DistillationLoss",
     "Guidance",
     "GuidanceDraw",
+    "L2Loss",
     "LCMRangeGuidance",
     "LCMSelection",
     "NoGuidance",
     "PCMSelection",
+    "PseudoHuberLoss",
     "TCDSelection",
     "TDDSelection",
     "TargetSelection",

@@ -17,6 +17,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from tdd_lightning.checkpoint_io import CheckpointError, check_checkpoint
+from tdd_lightning.models.config import ModelConfig
 from tdd_lightning.models.loading import ModelNotFoundError, resolve_model_path
 from tdd_lightning.module import NonFiniteError, TDDModule
 from tdd_lightning.errors import ConfigError, UserError
@@ -62,18 +63,19 @@ def prepare_model(model_cfg: DictConfig) -> None:
 
 
 def build_module(cfg: DictConfig) -> TDDModule:
-    module_cfg = cfg.get("module") or {}
-    ema_decay = float(module_cfg.get("ema_decay", 0.0))
-    return TDDModule(
-        model=OmegaConf.to_container(cfg.model, resolve=True),
+    """``cfg.module`` (its ``_target_``, TDDModule) over the model config and the built strategies.
+
+    The optimizer and lr scheduler are partials the module calls with the student's LoRA parameters.
+    """
+    model = ModelConfig.from_mapping(OmegaConf.to_container(cfg.model, resolve=True))
+    make_module = build("module", cfg.module, _partial_=True)
+    return make_module(
+        model=model,
         target_selection=build("target_selection", cfg.target_selection),
         guidance=build("guidance", cfg.guidance),
         loss=build("loss", cfg.loss),
         optimizer=build("optimizer", cfg.optimizer),
         lr_scheduler=build("lr_scheduler", cfg.get("lr_scheduler")),
-        ema_decay=ema_decay,
-        seed=int(cfg.seed),
-        max_nonfinite_steps=int(module_cfg.get("max_nonfinite_steps", 10)),
     )
 
 
