@@ -20,7 +20,7 @@ def _strict_fields(cls: type, values: Mapping[str, Any], prefix: str) -> dict[st
     for key in values:
         if key not in names:
             raise ConfigError(
-                f"{prefix}.{key}", values[key], f"is not a {prefix} key (known: {', '.join(names)})"
+                f"{prefix}.{key}", values[key], f"not a key of {prefix} (known: {', '.join(names)})"
             )
     return dict(values)
 
