@@ -221,6 +221,9 @@ def test_a_bare_run_is_the_smoke_run(tmp_path):
     smoke = OmegaConf.to_container(compose_cfg(["experiment=smoke"], tmp_path), resolve=False)
     bare.pop("hydra"), smoke.pop("hydra")
     assert bare == smoke and bare["task_name"] == "smoke" and bare["trainer"]["max_steps"] == 300
+    # the smoke run's own data and callbacks are group options: swapping the group drops them
+    swapped = compose_cfg(["data=cached", "callbacks=none"], tmp_path)
+    assert "num_samples" not in swapped.data and list(swapped.callbacks) == []
 
 
 def test_help_is_a_description_examples_and_the_groups():
