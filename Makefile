@@ -64,14 +64,16 @@ format: $(STAMP) ## ruff fix + format
 tiny-model: $(STAMP) ## write a tiny random SDXL-shaped pipeline to artifacts/tiny-sdxl
 	$(PY) -m tdd_lightning.models.tiny artifacts/tiny-sdxl
 
+SWEEP_DIR   := logs/toy_tdd/multiruns/example
+
 sweep: $(STAMP) $(TOY_CACHE) ## example multirun: 2x2 sweep of short toy runs (~15 min CPU), then a report table
 	$(PY) train.py -m experiment=toy_tdd trainer.max_steps=200 callbacks.toy_eval.n=500 callbacks.toy_eval.etas=[0.2] \
-		target_selection.s_ratio=0.0,0.3 guidance.p_empty=0.0,0.2 hydra.sweep.dir=multirun/example
-	$(PY) -m tdd_lightning.training.sweep_report multirun/example --metrics train/loss eval/prompt_acc/4steps_eta0.2 \
+		target_selection.s_ratio=0.0,0.3 guidance.p_empty=0.0,0.2 hydra.sweep.dir=$(SWEEP_DIR)
+	$(PY) -m tdd_lightning.training.sweep_report $(SWEEP_DIR) --metrics train/loss eval/prompt_acc/4steps_eta0.2 \
 		eval/fd/4steps_eta0.2 global_step
 
-clean: ## remove outputs, logs and caches (keeps .venv)
-	rm -rf outputs multirun logs wandb lightning_logs .pytest_cache .ruff_cache artifacts
+clean: ## remove run outputs (logs/), built models and caches (artifacts/), tool caches (keeps .venv, data/)
+	rm -rf logs artifacts wandb lightning_logs .pytest_cache .ruff_cache
 
 .PHONY: bench-data
 shapes: $(STAMP) ## build the toy shapes dataset (one- and two-object scenes) into data/shapes/
@@ -81,8 +83,8 @@ shapes: $(STAMP) ## build the toy shapes dataset (one- and two-object scenes) in
 bench-data: $(STAMP) ## loader samples/s from cached shards vs what toy training consumes (>= 10x)
 	$(PY) -m tdd_lightning.data.bench $(ARGS)
 
-notebooks: $(STAMP) ## execute notebooks/*.ipynb headless (nbclient); executed copies in outputs/notebooks/
-	$(PY) notebooks/execute.py --out outputs/notebooks
+notebooks: $(STAMP) ## execute notebooks/*.ipynb headless (nbclient); executed copies in logs/notebooks/
+	$(PY) notebooks/execute.py --out logs/notebooks
 
 .PHONY: bench
 bench: $(STAMP) ## training-step benchmark: phases, compute floor, naive baseline (tiny model, CPU, < 3 min)

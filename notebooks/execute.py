@@ -2,7 +2,7 @@
 
     python notebooks/execute.py [--out DIR] [--timeout S] [NOTEBOOK ...]   (default: every notebook here)
 
-Executed copies, with their outputs, go to DIR when given (``make notebooks``: outputs/notebooks/).
+Executed copies, with their outputs, go to DIR when given (``make notebooks``: logs/notebooks/).
 Exit code 1 if a cell fails, with the notebook, the cell number and the error on one line.
 """
 

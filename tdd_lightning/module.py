@@ -22,6 +22,7 @@ from tdd_lightning.models.conditioning import (
     unconditional_like,
     unet_eps,
 )
+from tdd_lightning.models.config import ModelConfig
 from tdd_lightning.models.dtypes import DTYPES
 from tdd_lightning.models.roles import SDXL_LORA_TARGETS, STUDENT, TARGET, LoRARoles
 from tdd_lightning.strategies import DistillationLoss, Guidance, TargetSelection, inference_hparams
@@ -44,10 +45,8 @@ class TDDModule(L.LightningModule):
     """Consistency distillation with a pluggable target selection, guidance and loss.
 
     Args:
-        model: where the base model lives and how the LoRA looks: ``pretrained`` (folder or hub id),
-            ``revision``, ``variant``, ``base_dtype`` (fp32|bf16|fp16, the frozen weights), ``lora``
-            ({rank, alpha, target_modules}), ``gradient_checkpointing``, ``channels_last``, ``compile``
-            (torch.compile of the UNet), ``load_encoders`` (online encoding of raw pixels and captions).
+        model: where the base model lives and how the LoRA looks: a ``ModelConfig`` (every key and its
+            default documented there), or a mapping of its keys (an unknown key is a ``ConfigError``).
         target_selection, guidance, loss: the strategies (Hydra groups of the same names).
         optimizer: a factory taking the student's LoRA parameters (Hydra ``_partial_``).
         lr_scheduler: a factory taking the optimizer, stepped every optimizer step (or None).
@@ -59,7 +58,7 @@ class TDDModule(L.LightningModule):
 
     def __init__(
         self,
-        model: Mapping[str, Any],
+        model: ModelConfig | Mapping[str, Any],
         target_selection: TargetSelection,
         guidance: Guidance,
         loss: DistillationLoss,
@@ -70,6 +69,7 @@ class TDDModule(L.LightningModule):
         max_nonfinite_steps: int = 10,
     ):
         super().__init__()
+        self.model_config = ModelConfig.coerce(model)
         check(
             isinstance(ema_decay, (int, float)) and 0.0 <= ema_decay <= 1.0,
             "ema_decay", ema_decay, "must be a number in [0, 1]",
@@ -78,11 +78,10 @@ class TDDModule(L.LightningModule):
             isinstance(max_nonfinite_steps, int) and max_nonfinite_steps >= 1,
             "max_nonfinite_steps", max_nonfinite_steps, "must be an integer >= 1",
         )  # fmt: skip
-        ema_decay = float(ema_decay)
+        ema_decay, seed, max_nonfinite_steps = float(ema_decay), int(seed), int(max_nonfinite_steps)
         self.max_nonfinite_steps = max_nonfinite_steps
         self.nonfinite_total = self.nonfinite_in_a_row = 0
         self._skip_update = False
-        self.model_cfg = dict(model)
         self.target_selection, self.guidance, self.distill_loss = target_selection, guidance, loss
         self.optimizer_factory, self.lr_scheduler_factory = optimizer, lr_scheduler
         self.ema_decay, self.seed = ema_decay, seed
@@ -91,7 +90,7 @@ class TDDModule(L.LightningModule):
                 "model": self.model_cfg,
                 "target_selection": target_selection.describe(),
                 "guidance": vars(guidance),
-                "loss": vars(loss),
+                "loss": loss.describe(),
                 "ema_decay": ema_decay,
                 "seed": seed,
                 **inference_hparams(target_selection, guidance),  # what the exported LoRA carries
@@ -104,6 +103,11 @@ class TDDModule(L.LightningModule):
         self.uncond_text: dict[str, torch.Tensor] | None = None
         self.last_times: dict[str, torch.Tensor] = {}
 
+    @property
+    def model_cfg(self) -> dict[str, Any]:
+        """The model config as plain dicts (``ModelConfig.to_dict``): ``hyper_parameters.model``."""
+        return self.model_config.to_dict()
+
     # ---- building ---------------------------------------------------------------------------------
     def configure_model(self) -> None:
         """Load the base UNet once and add the student and target LoRA adapters (FSDP2-friendly)."""
@@ -111,13 +115,13 @@ class TDDModule(L.LightningModule):
             return
         from tdd_lightning.models import load_sdxl_components
 
-        cfg = self.model_cfg
-        load_encoders = bool(cfg.get("load_encoders", False))
+        cfg = self.model_config
+        load_encoders = bool(cfg.load_encoders)
         parts = load_sdxl_components(
-            cfg["pretrained"],
-            revision=cfg.get("revision"),
-            variant=cfg.get("variant"),
-            dtype=DTYPES[cfg.get("base_dtype", "fp32")],
+            cfg.pretrained,
+            revision=cfg.revision,
+            variant=cfg.variant,
+            dtype=DTYPES[cfg.base_dtype],
             load_vae=load_encoders,
             load_text_encoders=load_encoders,
         )
@@ -131,26 +135,27 @@ class TDDModule(L.LightningModule):
 
     def attach(self, unet: torch.nn.Module, scheduler_config: Mapping[str, Any]) -> None:
         """Use ``unet`` as the base model (tests and notebooks call this directly)."""
-        lora = self.model_cfg.get("lora", {})
+        cfg = self.model_config
+        lora = cfg.lora
         self.unet = unet
         self.schedule = NoiseSchedule.from_config(scheduler_config)
         with torch.random.fork_rng(devices=[]):  # LoRA init depends on the seed only, not on the code path
             torch.manual_seed(self.seed)
             self.roles = LoRARoles(
                 unet,
-                rank=int(lora.get("rank", 64)),
-                alpha=lora.get("alpha"),
-                target_modules=lora.get("target_modules") or SDXL_LORA_TARGETS,
-                fused=bool(lora.get("fused", True)),
+                rank=int(lora.rank),
+                alpha=lora.alpha,
+                target_modules=lora.target_modules or SDXL_LORA_TARGETS,
+                fused=bool(lora.fused),
             )
         # LoRA master weights stay fp32 even when the frozen base is bf16/fp16
         for p in self.roles.student_params + self.roles.target_params:
             p.data = p.data.float()
-        if self.model_cfg.get("gradient_checkpointing", False):
+        if cfg.gradient_checkpointing:
             unet.enable_gradient_checkpointing()
-        if self.model_cfg.get("channels_last", False):
+        if cfg.channels_last:
             unet.to(memory_format=torch.channels_last)
-        if self.model_cfg.get("compile", False):
+        if cfg.compile:
             unet.compile()  # in place: the roles keep switching the same (compiled) module
         if self.ema_decay > 0:
             self.roles.copy_student_to_target()
@@ -320,7 +325,7 @@ class TDDModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if "lora_" in k}
         checkpoint["tdd_lightning"] = {
-            "lora": self.model_cfg.get("lora", {}),
+            "lora": self.model_cfg["lora"],
             "nonfinite_total": self.nonfinite_total,
         }
 

@@ -11,7 +11,7 @@ import torch
 
 from tdd_lightning.data.synthetic import SyntheticDataModule
 from tdd_lightning.module import TDDModule
-from tdd_lightning.strategies import DecoupledGuidance, DistillationLoss, TDDSelection
+from tdd_lightning.strategies import DecoupledGuidance, PseudoHuberLoss, TDDSelection
 from tdd_lightning.training.optim import ConstantWithWarmup
 
 STEPS, GLOBAL_BATCH = 4, 4
@@ -36,7 +36,7 @@ def fit(tiny_sdxl_dir, folder, tag, devices, strategy):
         model={"pretrained": str(tiny_sdxl_dir), "lora": {"rank": 4}},
         target_selection=TDDSelection(),
         guidance=DecoupledGuidance(p_empty=0.5),
-        loss=DistillationLoss(),
+        loss=PseudoHuberLoss(),
         optimizer=functools.partial(torch.optim.AdamW, lr=1e-3),
         lr_scheduler=functools.partial(torch.optim.lr_scheduler.LambdaLR, lr_lambda=ConstantWithWarmup(8)),
         ema_decay=0.5,

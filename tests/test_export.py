@@ -28,7 +28,7 @@ from tdd_lightning.models.conditioning import unet_eps
 from tdd_lightning.module import TDDModule
 from tdd_lightning.pipelines import add_tdd_lora, load_tdd_pipeline, resolve_lora_file, tdd_scheduler
 from tdd_lightning.scheduling_tdd import TDDScheduler
-from tdd_lightning.strategies import DecoupledGuidance, DistillationLoss, TDDSelection
+from tdd_lightning.strategies import DecoupledGuidance, PseudoHuberLoss, TDDSelection
 from tdd_lightning.training.callbacks import LoRAExport
 
 PROMPTS = ["a red circle", "a blue square"]
@@ -40,7 +40,7 @@ def make_module(pretrained, alpha, ema_decay=0.5, lr=2e-2):
         model={"pretrained": str(pretrained), "lora": {"rank": RANK, "alpha": alpha}},
         target_selection=TDDSelection(),
         guidance=DecoupledGuidance(),
-        loss=DistillationLoss(),
+        loss=PseudoHuberLoss(),
         optimizer=functools.partial(torch.optim.AdamW, lr=lr),
         ema_decay=ema_decay,
     )

@@ -10,7 +10,7 @@ from tdd_lightning.data.synthetic import SyntheticDataModule
 from tdd_lightning.models import load_sdxl_components
 from tdd_lightning.models.conditioning import teacher_cfg_eps, unconditional_like, unet_eps
 from tdd_lightning.module import TDDModule
-from tdd_lightning.strategies import DecoupledGuidance, DistillationLoss, LCMSelection, TDDSelection
+from tdd_lightning.strategies import DecoupledGuidance, LCMSelection, PseudoHuberLoss, TDDSelection
 
 
 def make_module(tiny_sdxl_dir, guidance=None, selection=None, ema_decay=0.0, optimizer=None, rank=4):
@@ -18,7 +18,7 @@ def make_module(tiny_sdxl_dir, guidance=None, selection=None, ema_decay=0.0, opt
         model={"pretrained": str(tiny_sdxl_dir), "lora": {"rank": rank}},
         target_selection=selection or TDDSelection(),
         guidance=guidance or DecoupledGuidance(),
-        loss=DistillationLoss(),
+        loss=PseudoHuberLoss(),
         optimizer=optimizer or functools.partial(torch.optim.AdamW, lr=1e-3),
         ema_decay=ema_decay,
     )

@@ -19,18 +19,18 @@ from tdd_lightning.checkpoint_io import AtomicCheckpointIO, atomic_write
 from tdd_lightning.data.synthetic import SyntheticDataModule
 from tdd_lightning.errors import UserError
 from tdd_lightning.module import TDDModule
-from tdd_lightning.strategies import DecoupledGuidance, DistillationLoss, TDDSelection
+from tdd_lightning.strategies import DecoupledGuidance, PseudoHuberLoss, TDDSelection
 from tdd_lightning.training.run import check_config, train
 from tests.hydra_utils import compose_cfg
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-class NaNAtSteps(DistillationLoss):
+class NaNAtSteps(PseudoHuberLoss):
     """A loss that is NaN at chosen global steps (read from the module that owns it)."""
 
     def __init__(self, steps, module_ref):
-        super().__init__("huber")
+        super().__init__()
         self.steps, self.module_ref = set(steps), module_ref
 
     def __call__(self, pred, target):

@@ -17,7 +17,7 @@ from PIL import Image
 from tdd_lightning.errors import UserError
 from tdd_lightning.export import export_lora
 from tdd_lightning.module import TDDModule
-from tdd_lightning.strategies import DecoupledGuidance, DistillationLoss, TDDSelection
+from tdd_lightning.strategies import DecoupledGuidance, PseudoHuberLoss, TDDSelection
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -35,7 +35,7 @@ def lora_dir(tiny_sdxl_dir, tmp_path_factory):
         model={"pretrained": str(tiny_sdxl_dir), "lora": {"rank": 4, "alpha": 8}},
         target_selection=TDDSelection(),
         guidance=DecoupledGuidance(),
-        loss=DistillationLoss(),
+        loss=PseudoHuberLoss(),
         optimizer=functools.partial(torch.optim.AdamW, lr=1e-3),
     )
     module.configure_model()

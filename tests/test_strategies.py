@@ -8,11 +8,12 @@ import torch
 from tdd_lightning.strategies import (
     ConfigError,
     DecoupledGuidance,
-    DistillationLoss,
+    L2Loss,
     LCMRangeGuidance,
     LCMSelection,
     NoGuidance,
     PCMSelection,
+    PseudoHuberLoss,
     TCDSelection,
     TDDSelection,
 )
@@ -97,7 +98,7 @@ def test_pcm_phase_edges():
         (lambda: DecoupledGuidance(p_empty=1.5), "p_empty"),
         (lambda: DecoupledGuidance(w_min=5, w_max=3), "w_min"),
         (lambda: DecoupledGuidance(uncond="nothing"), "uncond"),
-        (lambda: DistillationLoss(kind="l1"), "kind"),
+        (lambda: PseudoHuberLoss(c=0.0), "c"),
         (lambda: PCMSelection(num_phases=0), "num_phases"),
     ],
 )
@@ -121,5 +122,5 @@ def test_guidance_extremes_and_ranges():
 
 def test_loss_strategy_reduces_once():
     pred, target = torch.zeros(2, 4), torch.ones(2, 4)
-    assert DistillationLoss("l2")(pred, target).item() == 1.0
-    assert DistillationLoss("huber", 0.001)(pred, target).item() == pytest.approx(math.sqrt(1 + 1e-6) - 0.001)
+    assert L2Loss()(pred, target).item() == 1.0
+    assert PseudoHuberLoss(c=0.001)(pred, target).item() == pytest.approx(math.sqrt(1 + 1e-6) - 0.001)

@@ -72,6 +72,7 @@ def compose(cfg: BenchConfig, pretrained: str, out_dir: Path):
     resolvers.register()
     cuda = cfg.device.startswith("cuda")
     overrides = [
+        "~experiment",  # the bare defaults of conf/train.yaml, not the smoke run `python train.py` runs
         f"model={cfg.model}",
         f"model.pretrained={pretrained}",
         "model.build_if_missing=false",

@@ -15,7 +15,7 @@ from tdd_lightning.strategies.inference import (
     inference_hparams,
     recorded_inference,
 )
-from tdd_lightning.strategies.loss import DistillationLoss
+from tdd_lightning.strategies.loss import DistillationLoss, L2Loss, PseudoHuberLoss
 from tdd_lightning.strategies.target_selection import (
     LCMSelection,
     PCMSelection,
@@ -32,10 +32,12 @@ __all__ = [
     "Guidance",
     "GuidanceDraw",
     "InferenceSchedule",
+    "L2Loss",
     "LCMRangeGuidance",
     "LCMSelection",
     "NoGuidance",
     "PCMSelection",
+    "PseudoHuberLoss",
     "TCDSelection",
     "TDDSelection",
     "TargetSelection",

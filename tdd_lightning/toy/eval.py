@@ -1,7 +1,7 @@
 """Evaluate distilled students next to their teacher on the toy shapes task: table, plots, grids.
 
     python -m tdd_lightning.toy.eval --student TDD=logs/toy_tdd/runs/<time> --student LCM=<exported LoRA> \\
-        --steps 1 2 4 6 8 --eta 0 0.2 --guidance 1 2 --seeds 0 1 --out outputs/eval [--wandb]
+        --steps 1 2 4 6 8 --eta 0 0.2 --guidance 1 2 --seeds 0 1 --out logs/eval [--wandb]
 
 A student is ``NAME=PATH``: an exported LoRA (file or folder, ``python -m tdd_lightning.export``) or a
 training run folder (its ``checkpoints/last_lora/<role>``). Repeat a NAME for several training seeds of
@@ -70,10 +70,10 @@ def load_student_unet(teacher: str, lora: Path, device: str = "cpu"):
     return pipe.unet.eval(), pipe.scheduler
 
 
-def log_wandb(paths: dict[str, Path], records: list[dict], project: str, name: str | None) -> None:
+def log_wandb(paths: dict[str, Path], records: list[dict], project: str, name: str | None, out: Path) -> None:
     import wandb
 
-    run = wandb.init(project=project, name=name, job_type="eval")
+    run = wandb.init(project=project, name=name, job_type="eval", dir=str(out))  # <out>/wandb, not ./wandb
     rows = [{k: v for k, v in r.items() if isinstance(v, int | float | str)} for r in records]
     columns = sorted({k for r in rows for k in r})
     run.log({"eval/cells": wandb.Table(columns=columns, data=[[r.get(c) for c in columns] for r in rows])})
@@ -123,7 +123,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--teacher-guidance", type=float, default=3.0, help="teacher CFG (also for its reference)")
     p.add_argument("--ref-steps", type=int, default=50, help="teacher steps of the agreement reference")
     p.add_argument("--n", type=int, default=1000, help="prompts per cell (<= half the held-out split)")
-    p.add_argument("--out", default="outputs/eval")
+    p.add_argument("--out", default="logs/eval")
     p.add_argument("--cache-dir", default="artifacts/toy-eval-cache", help="teacher cells ('' to disable)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument(
@@ -160,7 +160,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     paths = write_report(Path(a.out), records, suite.real_rows(), grid, columns, suite.captions, meta)
     print(paths["table"].read_text())
     if a.wandb:
-        log_wandb(paths, records, a.wandb_project, a.name)
+        log_wandb(paths, records, a.wandb_project, a.name, Path(a.out))
     print(f"wrote {a.out} ({time.time() - start:.0f} s)")
     return records
 

@@ -13,6 +13,19 @@ def safe_dirname(text: str, max_len: int = 120) -> str:
     return name[:max_len] or "default"
 
 
+def cfg_scale(w: float | None) -> float:
+    """The standard CFG scale 1 + w of a guidance weight w in the LCM form (None, no guidance: 1.0).
+
+    ``${cfg_scale:${guidance.w}}``: the toy evaluation samples the teacher at the scale the student
+    was distilled from.
+    """
+    return 1.0 + float(w or 0.0)
+
+
+RESOLVERS = {"safe_dirname": safe_dirname, "cfg_scale": cfg_scale}
+
+
 def register() -> None:
-    if not OmegaConf.has_resolver("safe_dirname"):
-        OmegaConf.register_new_resolver("safe_dirname", safe_dirname)
+    for name, fn in RESOLVERS.items():
+        if not OmegaConf.has_resolver(name):
+            OmegaConf.register_new_resolver(name, fn)

@@ -19,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from tdd_lightning.checkpoint_io import CheckpointError, check_checkpoint
 from tdd_lightning.errors import ConfigError, UserError
+from tdd_lightning.models.config import ModelConfig
 from tdd_lightning.models.loading import ModelNotFoundError, is_hub_id, resolve_model_path
 from tdd_lightning.module import TDDModule
 from tdd_lightning.training.building import build, build_strategies, check_cheap
@@ -84,18 +85,20 @@ def check_can_build_into(model_cfg: DictConfig, path: Path, owned: list[str | No
 
 
 def build_module(cfg: DictConfig, strategies: dict[str, Any] | None = None) -> TDDModule:
-    """The LightningModule with its strategies; cheap (the UNet is loaded later, in configure_model)."""
+    """``cfg.module`` (its ``_target_``, TDDModule) over the model config and the built strategies.
+
+    Cheap: the UNet is loaded later, in configure_model. The optimizer and lr scheduler are partials the
+    module calls with the student's LoRA parameters.
+    """
+    model = ModelConfig.from_mapping(OmegaConf.to_container(cfg.model, resolve=True))
     strategies = strategies or build_strategies(cfg)
-    module_cfg = cfg.get("module") or {}
+    make_module = build("module", cfg.module, _partial_=True)
     try:
-        return TDDModule(
-            model=OmegaConf.to_container(cfg.model, resolve=True),
+        return make_module(
+            model=model,
             **strategies,
             optimizer=build("optimizer", cfg.optimizer),
             lr_scheduler=build("lr_scheduler", cfg.get("lr_scheduler")),
-            ema_decay=module_cfg.get("ema_decay", 0.0),
-            seed=int(cfg.seed),
-            max_nonfinite_steps=module_cfg.get("max_nonfinite_steps", 10),
         )
     except ConfigError as e:
         raise e.with_prefix("module") from None

@@ -1,0 +1,100 @@
+"""The model node of the config as typed dataclasses: where the base model lives and how the LoRA looks.
+
+``conf/model/sdxl.yaml`` lists the same keys with the same defaults (a test keeps the two in step), so
+``python train.py --cfg job`` shows every knob; ``TDDModule`` reads them from a ``ModelConfig`` only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from tdd_lightning.errors import ConfigError
+
+
+def _strict_fields(cls: type, values: Mapping[str, Any], prefix: str) -> dict[str, Any]:
+    """``values`` as keyword arguments of ``cls``; a key that is not a field is an error naming it."""
+    names = [f.name for f in dataclasses.fields(cls)]
+    for key in values:
+        if key not in names:
+            raise ConfigError(
+                f"{prefix}.{key}", values[key], f"not a key of {prefix} (known: {', '.join(names)})"
+            )
+    return dict(values)
+
+
+@dataclass
+class LoRAConfig:
+    """The student's (and target's) LoRA adapters on the base UNet.
+
+    Attributes:
+        rank: LoRA rank r.
+        alpha: LoRA alpha; the scale is alpha / rank. None = rank (scale 1); the authors left peft's
+            default 8 (scale 8/64 at rank 64).
+        target_modules: module names that get adapters; None = the 14 names of the authors' SDXL run.
+        fused: fp32 forwards with merged weights W + s B A (about the bare UNet's cost); False: peft's
+            unmerged LoRA layers.
+    """
+
+    rank: int = 64
+    alpha: float | None = None
+    target_modules: list[str] | None = None
+    fused: bool = True
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any]) -> LoRAConfig:
+        kwargs = _strict_fields(cls, values, "model.lora")
+        if kwargs.get("target_modules") is not None:
+            kwargs["target_modules"] = list(kwargs["target_modules"])
+        return cls(**kwargs)
+
+
+@dataclass
+class ModelConfig:
+    """The base model and its LoRA (the ``model`` config group).
+
+    Attributes:
+        pretrained: diffusers SDXL folder or hub id (offline: a local folder).
+        revision: hub revision (branch, tag or commit); None = the default branch.
+        variant: weight-file variant, e.g. ``fp16`` to load the fp16 files; None = the full files.
+        base_dtype: dtype of the frozen base weights: fp32 | bf16 | fp16 (the LoRA stays fp32).
+        gradient_checkpointing: recompute UNet activations in the backward pass (less memory, slower).
+        channels_last: UNet memory format channels_last (can help convolutions on GPUs).
+        compile: torch.compile the UNet in place (the first steps are slower while compiling).
+        load_encoders: also load the VAE and text encoders to encode raw pixels and captions on the
+            fly (``data=raw``).
+        build_if_missing: call ``builder`` to write ``pretrained`` when that folder has no UNet.
+        builder: dotted path of a function called with the folder, e.g.
+            ``tdd_lightning.models.tiny.build_tiny_sdxl``.
+        lora: the adapters (``LoRAConfig``).
+    """
+
+    pretrained: str = "stabilityai/stable-diffusion-xl-base-1.0"
+    revision: str | None = None
+    variant: str | None = None
+    base_dtype: str = "fp32"
+    gradient_checkpointing: bool = False
+    channels_last: bool = False
+    compile: bool = False
+    load_encoders: bool = False
+    build_if_missing: bool = False
+    builder: str | None = None
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any]) -> ModelConfig:
+        """From a dict or DictConfig (resolved); unknown keys raise ``ConfigError`` naming ``model.<key>``."""
+        kwargs = _strict_fields(cls, values, "model")
+        kwargs["lora"] = LoRAConfig.from_mapping(kwargs.get("lora") or {})
+        return cls(**kwargs)
+
+    @classmethod
+    def coerce(cls, value: ModelConfig | Mapping[str, Any]) -> ModelConfig:
+        """A ``ModelConfig`` as is, or one built from a mapping."""
+        return value if isinstance(value, cls) else cls.from_mapping(value)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dicts, lists and scalars (what checkpoints record as ``hyper_parameters.model``)."""
+        return dataclasses.asdict(self)
