@@ -17,7 +17,13 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# declared in an extra, never imported by tdd_lightning/: why each one is declared
+# imported lazily by an opt-in feature, with a one-line error when missing; declared as an extra
+OPTIONAL_IMPORTS = {
+    "bitsandbytes": "optimizer=adamw8bit (CUDA machines): `pip install .[adamw8bit]`",
+}
+
+
+# declared in an extra, never imported by tdd_lightning/ at start-up: why each one is declared
 EXTRAS_ONLY = {
     "hydra-submitit-launcher": "Hydra loads it from conf/hydra/launcher (SLURM multiruns), by name",
     "pytest": "the test suite",
@@ -25,6 +31,7 @@ EXTRAS_ONLY = {
     "nbformat": "tests/test_notebooks.py reads the notebooks",
     "nbclient": "tests/test_notebooks.py executes the notebooks",
     "ipykernel": "the kernel the notebooks run in",
+    **OPTIONAL_IMPORTS,
 }
 
 
@@ -63,7 +70,8 @@ def third_party_imports(folder: Path, own: str) -> dict[str, str]:
                 continue
             for name in names:
                 top = name.split(".")[0]
-                if top not in sys.stdlib_module_names and top not in (own, "tdd_lightning", "tests"):
+                skip = (own, "tdd_lightning", "tests", *OPTIONAL_IMPORTS)
+                if top not in sys.stdlib_module_names and top not in skip:
                     found.setdefault(top, str(path.relative_to(ROOT)))
     return found
 
