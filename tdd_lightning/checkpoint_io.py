@@ -6,6 +6,7 @@ a kill -9 during a save leaves the previous checkpoint intact.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import os
 import pickle
@@ -145,3 +146,67 @@ def check_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
             f"checkpoint {path} has no global_step: not a training checkpoint of this project"
         )
     return ckpt
+
+
+# ---- training state: snapshots of good steps, and the LoRA a resume expects ---------------------
+class GoodStates:
+    """The last two full training states taken at good steps (on the CPU), for ``last_good.ckpt``.
+
+    A streak of non-finite steps can follow a finite but destructive update (lr=1e30): the state right
+    before the streak is then already bad, so the one kept is the newest taken at least one good step
+    before the streak began.
+    """
+
+    def __init__(self, keep: int = 2):
+        self.keep, self.states = keep, []
+
+    def take(self, trainer) -> None:
+        state = trainer._checkpoint_connector.dump_checkpoint(weights_only=False)
+        self.states = [*self.states, _to_cpu(state)][-self.keep :]
+
+    def before(self, streak_start: int) -> dict | None:
+        """The newest state from at least one good step before the streak (whose first step began at
+        ``streak_start``); else the one right before it; else None."""
+        early = [s for s in self.states if s["global_step"] <= streak_start - 1]
+        if early:
+            return early[-1]
+        right_before = [s for s in self.states if s["global_step"] <= streak_start]
+        return right_before[-1] if right_before else None
+
+
+def _to_cpu(obj):
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: _to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_cpu(v) for v in obj)
+    return copy.deepcopy(obj)
+
+
+def check_lora_matches(checkpoint: dict, lora: Mapping[str, Any], state: Mapping[str, torch.Tensor]) -> None:
+    """Refuse a resume whose LoRA differs from the config's: rank, alpha, targets, tensor names and shapes."""
+    saved = dict((checkpoint.get("tdd_lightning") or {}).get("lora") or {})
+    diffs = [
+        f"{key} {saved[key]!r} in the checkpoint but {lora.get(key)!r} in the config"
+        for key in ("rank", "alpha", "target_modules")
+        if key in saved and saved[key] != lora.get(key)
+    ]
+    expected = {k: v for k, v in state.items() if "lora_" in k}
+    found = {k: v for k, v in checkpoint.get("state_dict", {}).items() if "lora_" in k}
+    if found and not set(found) & set(expected):
+        diffs.append(
+            f"none of its {len(found)} LoRA tensors has a name of this model's (another base model?)"
+        )
+    elif set(found) != set(expected):
+        missing, extra = sorted(set(expected) - set(found)), sorted(set(found) - set(expected))
+        parts = [f"{len(missing)} of the model's LoRA tensors missing (e.g. {missing[0]})"] if missing else []
+        parts += [f"{len(extra)} tensors the model does not have (e.g. {extra[0]})"] if extra else []
+        diffs.append(", ".join(parts))
+    shapes = [k for k in set(found) & set(expected) if tuple(found[k].shape) != tuple(expected[k].shape)]
+    if shapes and not diffs:
+        k = sorted(shapes)[0]
+        diffs.append(f"{len(shapes)} LoRA tensors of another shape (e.g. {k}: {tuple(found[k].shape)} "
+                     f"in the checkpoint, {tuple(expected[k].shape)} here)")  # fmt: skip
+    if diffs:
+        raise CheckpointError("cannot resume: its LoRA differs from model.lora: " + "; ".join(diffs))

@@ -8,13 +8,14 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 
-from tdd_lightning.checkpoint_io import checkpoint_path
+from tdd_lightning.checkpoint_io import GoodStates, check_lora_matches, checkpoint_path
 from tdd_lightning.data.ranks import rank_and_world
 from tdd_lightning.diffusion import NoiseSchedule, add_noise, cfg_combine, ddim_jump, k_step_schedule
 from tdd_lightning.diffusion.ops import append_dims
 from tdd_lightning.diffusion.sampling import guided, tdd_sample
-from tdd_lightning.errors import UserError, check
+from tdd_lightning.errors import UserError, check, check_int, check_number
 from tdd_lightning.models.conditioning import (
     condition_from_batch,
     replace_where,
@@ -35,6 +36,9 @@ def to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
     return (
         x.pin_memory().to(device, non_blocking=True) if torch.device(device).type == "cuda" else x.to(device)
     )
+
+
+MIN_STEPS_FOR_FRACTION = 20  # the skipped fraction is judged mid-run only after this many steps
 
 
 class NonFiniteError(UserError):
@@ -67,6 +71,8 @@ class TDDModule(L.LightningModule):
         ema_decay: float = 0.0,
         seed: int = 0,
         max_nonfinite_steps: int = 10,
+        max_nonfinite_fraction: float = 0.1,
+        snapshot_every: int = 100,
     ):
         super().__init__()
         self.model_config = ModelConfig.coerce(model)
@@ -78,8 +84,12 @@ class TDDModule(L.LightningModule):
             isinstance(max_nonfinite_steps, int) and max_nonfinite_steps >= 1,
             "max_nonfinite_steps", max_nonfinite_steps, "must be an integer >= 1",
         )  # fmt: skip
+        check_number("max_nonfinite_fraction", max_nonfinite_fraction, 0.0, 1.0)
+        check_int("snapshot_every", snapshot_every)
         ema_decay, seed, max_nonfinite_steps = float(ema_decay), int(seed), int(max_nonfinite_steps)
         self.max_nonfinite_steps = max_nonfinite_steps
+        self.max_nonfinite_fraction, self.snapshot_every = float(max_nonfinite_fraction), snapshot_every
+        self.snapshots = GoodStates()
         self.nonfinite_total = self.nonfinite_in_a_row = 0
         self._skip_update = False
         self.target_selection, self.guidance, self.distill_loss = target_selection, guidance, loss
@@ -311,15 +321,48 @@ class TDDModule(L.LightningModule):
         if not self._skip_update:
             self.roles.update_target(self.ema_decay)  # after each real optimizer step
 
+    def on_train_start(self) -> None:
+        self.snapshots.take(self.trainer)  # the state before any update of this run
+
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        step = self.global_step
+        if self.nonfinite_in_a_row == 0 and step % self.snapshot_every == 0:
+            self.snapshots.take(self.trainer)
         if self.nonfinite_in_a_row >= self.max_nonfinite_steps:
-            path = checkpoint_path(self.trainer, "last_good.ckpt")
-            self.trainer.save_checkpoint(path)
-            raise NonFiniteError(
+            self.stop_nonfinite(
                 f"{self.nonfinite_in_a_row} training steps in a row had a non-finite loss or gradient "
-                f"(limit module.max_nonfinite_steps={self.max_nonfinite_steps}); stopped at step "
-                f"{self.global_step}. The last good state is in {path}: lower the lr or check the data."
+                f"(limit module.max_nonfinite_steps={self.max_nonfinite_steps})",
+                streak_start=step - self.nonfinite_in_a_row,
             )
+        if step >= MIN_STEPS_FOR_FRACTION:
+            self.check_nonfinite_fraction()
+
+    def on_train_end(self) -> None:
+        if self.nonfinite_total >= 2:  # a short run is judged at its end (one skip alone is no pattern)
+            self.check_nonfinite_fraction()
+
+    def check_nonfinite_fraction(self) -> None:
+        """Stop when more than ``max_nonfinite_fraction`` of all steps so far were skipped."""
+        step = self.global_step
+        if step and self.nonfinite_total / step > self.max_nonfinite_fraction:
+            self.stop_nonfinite(
+                f"{self.nonfinite_total} of {step} training steps were skipped as non-finite "
+                f"(limit module.max_nonfinite_fraction={self.max_nonfinite_fraction:g})",
+                streak_start=step - self.nonfinite_in_a_row,
+            )
+
+    def stop_nonfinite(self, reason: str, streak_start: int) -> None:
+        """Write last_good.ckpt from the newest snapshot taken well before the trouble, then stop."""
+        path = checkpoint_path(self.trainer, "last_good.ckpt")
+        good = self.snapshots.before(streak_start)
+        if good is not None:
+            self.trainer.strategy.save_checkpoint(good, path)  # rank 0 writes
+            where = f"the last good state (step {good['global_step']}, before the trouble) is in {path}"
+        else:
+            where = "no state from before the trouble was kept: restart from the last periodic checkpoint"
+        raise NonFiniteError(
+            f"{reason}; stopped at step {self.global_step}; {where}: lower the lr or check the data."
+        )
 
     # ---- checkpoints hold LoRA tensors only ------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
@@ -331,7 +374,35 @@ class TDDModule(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.configure_model()
+        check_lora_matches(checkpoint, self.model_cfg["lora"], self.state_dict())
+        self.use_configured_lr(checkpoint)
         self.nonfinite_total = checkpoint.get("tdd_lightning", {}).get("nonfinite_total", 0)
+
+    def use_configured_lr(self, checkpoint: dict) -> None:
+        """A resume trains at the lr of the config, not the one saved with the optimizer state.
+
+        Lightning restores the optimizer's param groups (lr included) and the schedule's base lr from the
+        checkpoint, so resuming ``last_good.ckpt`` "with a lower lr" would silently keep the old one.
+        """
+        lr = getattr(self.optimizer_factory, "keywords", {}).get("lr")
+        if lr is None:
+            return
+        saved = [
+            g.get("lr") for o in checkpoint.get("optimizer_states", []) for g in o.get("param_groups", [])
+        ]
+        if not saved or all(v == lr for v in saved):
+            return
+        for o in checkpoint["optimizer_states"]:
+            for g in o.get("param_groups", []):
+                g["lr"] = g["initial_lr"] = lr  # the schedule below rescales from here
+        for sched in checkpoint.get("lr_schedulers", []):
+            if "base_lrs" in sched:
+                sched["base_lrs"] = [lr] * len(sched["base_lrs"])
+            if "_last_lr" in sched:
+                sched["_last_lr"] = [lr] * len(sched["_last_lr"])
+        rank_zero_warn(
+            f"resuming with optimizer.lr={lr:g} from the config (the checkpoint was at {saved[0]:g})"
+        )
 
     # ---- few-step sampling with the module's own maths --------------------------------------------
     @torch.no_grad()
