@@ -11,7 +11,10 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
+from tdd_lightning.training import resolvers
+
 os.environ.setdefault("TDD_ROOT", str(Path(__file__).resolve().parent))
+resolvers.register()  # conf/sample.yaml names its run folder with safe_dirname
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="sample")

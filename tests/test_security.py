@@ -118,3 +118,15 @@ def test_export_refuses_non_finite_lora_tensors(tmp_path):
     with pytest.raises(CheckpointError, match="after the cast to fp16"):
         export_lora(ckpt, tmp_path / "out", roles="student", dtype="fp16")
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("task", ["../../x", "..", "/etc", "a/../../b"])
+def test_a_task_name_never_leads_outside_the_log_folder(task, tmp_path):
+    """Issue 14, item 2: config values that become path components are sanitised."""
+    from omegaconf import OmegaConf
+
+    cfg = compose_cfg([f"task_name={task}", f"paths.log_dir={tmp_path}/logs"], tmp_path / "out")
+    for key in ("hydra.run.dir", "hydra.sweep.dir"):
+        folder = Path(OmegaConf.select(cfg, key)).resolve()
+        assert folder.is_relative_to((tmp_path / "logs").resolve()), (key, folder)
+        assert folder.parent.parent.parent == (tmp_path / "logs").resolve()  # logs/<task>/runs/<time>

@@ -8,8 +8,10 @@ from omegaconf import OmegaConf
 
 
 def safe_dirname(text: str, max_len: int = 120) -> str:
-    """A sweep job's folder name from its overrides: no path separators, quotes or spaces; bounded length."""
-    name = re.sub(r"[/\\\s\[\]'\"{}:*?<>|]+", "_", text).strip("_")
+    """One folder name from a config value (task_name, a sweep job's overrides): no path separators,
+    quotes or spaces, no leading dots (so never ``.`` or ``..``); bounded length."""
+    name = re.sub(r"[/\\\s\[\]'\"{}:*?<>|]+", "_", str(text)).strip("_")
+    name = name.lstrip(".")
     return name[:max_len] or "default"
 
 
