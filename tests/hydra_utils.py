@@ -28,3 +28,13 @@ def compose_cfg(overrides: list[str], output_dir: Path | None = None):
 
 def group_options(group: str) -> list[str]:
     return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+
+
+def smoke_overrides(tiny_sdxl_dir, *extra: str, num_samples: int = 8) -> list[str]:
+    """A 2-step smoke run of the tiny model (checkpoint at step 2, no grid, no LoRA export) + ``extra``."""
+    return [
+        "experiment=smoke", f"model.pretrained={tiny_sdxl_dir}", "model.build_if_missing=false",
+        "data.batch_size=2", f"data.num_samples={num_samples}", "trainer.max_steps=2", "logger=csv",
+        "callbacks.sample_grid.every_n_steps=100", "callbacks.model_checkpoint.every_n_train_steps=2",
+        "~callbacks.lora_export", *extra,
+    ]  # fmt: skip

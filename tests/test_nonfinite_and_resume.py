@@ -11,17 +11,12 @@ from tdd_lightning.data.synthetic import SyntheticDataModule
 from tdd_lightning.errors import UserError
 from tdd_lightning.module import NonFiniteError
 from tdd_lightning.training.run import train
-from tests.hydra_utils import compose_cfg
+from tests.hydra_utils import compose_cfg, smoke_overrides
 from tests.test_robustness import nan_module
 
 
 def smoke(tiny_sdxl_dir, *extra):
-    return [
-        "experiment=smoke", f"model.pretrained={tiny_sdxl_dir}", "model.build_if_missing=false",
-        "data.batch_size=2", "data.num_samples=16", "trainer.max_steps=2", "logger=csv",
-        "callbacks.sample_grid.every_n_steps=100", "callbacks.model_checkpoint.every_n_train_steps=2",
-        "~callbacks.lora_export", *extra,
-    ]  # fmt: skip
+    return smoke_overrides(tiny_sdxl_dir, *extra, num_samples=16)
 
 
 def test_lr_1e30_leaves_a_last_good_state_that_resumes_finite(tiny_sdxl_dir, tmp_path):

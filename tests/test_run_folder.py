@@ -15,16 +15,9 @@ import torch
 from tdd_lightning.errors import UserError
 from tdd_lightning.training.run import resolve_ckpt_path, train
 from tdd_lightning.training.run_folder import LOCK_NAME, RunFolderLock, newest_checkpoint
-from tests.hydra_utils import compose_cfg
+from tests.hydra_utils import compose_cfg, smoke_overrides
 
-
-def smoke(tiny_sdxl_dir, *extra):
-    return [
-        "experiment=smoke", f"model.pretrained={tiny_sdxl_dir}", "model.build_if_missing=false",
-        "data.batch_size=2", "data.num_samples=8", "trainer.max_steps=2", "logger=csv",
-        "callbacks.sample_grid.every_n_steps=100", "callbacks.model_checkpoint.every_n_train_steps=2",
-        "~callbacks.lora_export", *extra,
-    ]  # fmt: skip
+smoke = smoke_overrides
 
 
 def test_a_live_owner_refuses_a_second_run(tmp_path):
