@@ -16,7 +16,7 @@ from typing import Any
 import lightning as L
 from omegaconf import DictConfig, OmegaConf
 
-from tdd_lightning.checkpoint_io import CheckpointError, check_checkpoint
+from tdd_lightning.checkpoint_io import CheckpointError, check_checkpoint, clean_checkpoint_folder
 from tdd_lightning.errors import ConfigError, UserError
 from tdd_lightning.models.loading import ModelNotFoundError, resolve_model_path
 from tdd_lightning.module import TDDModule
@@ -114,6 +114,7 @@ def fit(cfg: DictConfig, module: TDDModule) -> dict[str, float]:
     callbacks = [build(f"callbacks.{k}", v) for k, v in (cfg.get("callbacks") or {}).items() if v]
     loggers = [build(f"logger.{k}", v) for k, v in (cfg.get("logger") or {}).items() if v]
     trainer: L.Trainer = build("trainer", cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    clean_checkpoint_folder(trainer)  # the temp files of a save killed mid-write (kill -9)
     resolved = {k: OmegaConf.to_container(cfg[k], resolve=True) if OmegaConf.is_config(cfg[k]) else cfg[k]
                 for k in cfg if k != "hydra"}  # fmt: skip
     for logger in loggers:
