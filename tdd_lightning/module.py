@@ -8,6 +8,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 
 from tdd_lightning.checkpoint_io import checkpoint_path
 from tdd_lightning.data.ranks import rank_and_world
@@ -79,6 +80,8 @@ class TDDModule(L.LightningModule):
             "max_nonfinite_steps", max_nonfinite_steps, "must be an integer >= 1",
         )  # fmt: skip
         ema_decay = float(ema_decay)
+        if ema_decay == 1.0:  # allowed (a frozen-target ablation), but almost always a slip for 0.999...
+            rank_zero_warn("module.ema_decay=1.0: the EMA target never moves (it stays the initial LoRA)")
         self.max_nonfinite_steps = max_nonfinite_steps
         self.nonfinite_total = self.nonfinite_in_a_row = 0
         self._skip_update = False
