@@ -124,3 +124,15 @@ def test_checkpoints_of_another_folder_are_never_deleted(tmp_path):
     (mine / "step_0000004.ckpt").write_bytes(b"x")
     keep.on_train_end(fake_trainer(mine, 0, 4, str(mine / "step_0000004.ckpt")), None)
     assert all(p.exists() for p in theirs) and keep.removed == []
+
+
+def test_with_a_monitor_the_best_checkpoint_is_kept(tmp_path):
+    names = [tmp_path / f"step_{s:07d}.ckpt" for s in (1, 2, 3)]
+    for path in names:
+        path.write_bytes(b"x")
+    keep = CheckpointRetention(keep_last=1, keep_every=None)
+    keep.load_state_dict({"saved": [[str(p), s] for p, s in zip(names, (1, 2, 3), strict=True)]})
+    trainer = fake_trainer(tmp_path, 0, 3, str(names[0]))  # step 1 scored best
+    trainer.checkpoint_callbacks[0].monitor = "train/loss"
+    keep.on_train_end(trainer, None)
+    assert [p.exists() for p in names] == [True, False, True] and keep.removed == [str(names[1])]

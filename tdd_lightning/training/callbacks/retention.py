@@ -9,7 +9,8 @@ What it may delete: only checkpoints that this run's ModelCheckpoint wrote (its 
 ``best_k_models`` entries, which it sets just before each periodic save), inside that callback's
 folder. The list survives a resume (it is part of this callback's checkpoint state), so the earlier
 parts of a preempted run are rotated too; files it never saw (a copied-in checkpoint, another run's)
-are never touched, and neither are ``last.ckpt``, ``last_good.ckpt`` and ``crash.ckpt``. Deletion
+are never touched, and neither are ``last.ckpt``, ``last_good.ckpt``, ``crash.ckpt`` and (with a
+``monitor``) the best checkpoint. It is meant for ``save_top_k: -1`` without a monitor. Deletion
 happens on global rank 0 only, at the start of the next training step and at the end of training,
 never while a save is in flight or after an exception.
 """
@@ -93,6 +94,7 @@ class CheckpointRetention(L.Callback):
         if Path(path).name in PROTECTED or not any(self._inside(path, mc) for mc in checkpointers):
             return False
         lasts = [mc.last_model_path for mc in checkpointers if mc.last_model_path]
+        lasts += [mc.best_model_path for mc in checkpointers if mc.monitor and mc.best_model_path]  # the best
         here = os.path.realpath(path)
         return all(here not in (os.path.abspath(last), os.path.realpath(last)) for last in lasts)
 
