@@ -1,7 +1,8 @@
 """Checkpoint files that are never half-written, and a readable error for ones that are.
 
 Writes go to a temporary file in the same folder, are flushed to disk, then renamed over the target:
-a kill -9 during a save leaves the previous checkpoint intact.
+a kill -9 during a save leaves the previous checkpoint intact, and the temp file it leaves behind is
+removed at the next start (``remove_stale_temp_files``).
 """
 
 from __future__ import annotations
@@ -35,6 +36,41 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], object]) -> Pa
     finally:
         tmp.unlink(missing_ok=True)
     return path
+
+
+_TEMP_NAME = re.compile(r"^\..+\.tmp-(\d+)$")  # atomic_write's ".<name>.tmp-<pid>"
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this pid exists on this host (unknown: assumed alive)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True  # someone else's live process (or a pid we cannot check): leave its file alone
+    return True
+
+
+def remove_stale_temp_files(folder: str | os.PathLike, depth: int = 0) -> list[Path]:
+    """Delete the ``.<name>.tmp-<pid>`` files that a writer killed mid-write (kill -9) left in ``folder``.
+
+    Only files whose pid is no longer alive on this host are removed (a live writer keeps its file;
+    a pid reused since is kept too, harmlessly). ``depth`` also looks that many subfolder levels down
+    (2: the ``<ckpt>_lora/<role>/`` exports beside checkpoints). Returns the removed paths; a missing
+    folder is not an error.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    removed = []
+    for level in range(depth + 1):
+        for path in folder.glob("*/" * level + ".*.tmp-*"):
+            match = _TEMP_NAME.match(path.name)
+            if match and path.is_file() and not pid_alive(int(match[1])):
+                path.unlink(missing_ok=True)
+                removed.append(path)
+    return removed
 
 
 CHECKSUM_KEY = "tensor_checksum"  # blake2b of every tensor in the checkpoint (AtomicCheckpointIO writes it)
@@ -88,6 +124,14 @@ def checkpoint_path(trainer, name: str = "last.ckpt") -> Path:
         else Path(trainer.default_root_dir)
     )
     return folder / name
+
+
+def clean_checkpoint_folder(trainer) -> list[Path]:
+    """On global rank 0: remove the temp files a killed save left in the checkpoint folder and in the
+    ``<ckpt>_lora/<role>/`` exports beside it. Call it before ``trainer.fit``, while nothing is saved."""
+    if not trainer.is_global_zero:
+        return []
+    return remove_stale_temp_files(checkpoint_path(trainer).parent, depth=2)
 
 
 class CheckpointError(UserError):

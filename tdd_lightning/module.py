@@ -87,6 +87,8 @@ class TDDModule(L.LightningModule):
         check_number("max_nonfinite_fraction", max_nonfinite_fraction, 0.0, 1.0)
         check_int("snapshot_every", snapshot_every)
         ema_decay, seed, max_nonfinite_steps = float(ema_decay), int(seed), int(max_nonfinite_steps)
+        if ema_decay == 1.0:  # allowed (a frozen-target ablation), but almost always a slip for 0.999...
+            rank_zero_warn("module.ema_decay=1.0: the EMA target never moves (it stays the initial LoRA)")
         self.max_nonfinite_steps = max_nonfinite_steps
         self.max_nonfinite_fraction, self.snapshot_every = float(max_nonfinite_fraction), snapshot_every
         self.snapshots = GoodStates()

@@ -2,19 +2,60 @@
 
 A stock diffusers SDXL pipeline + the LoRA + TDDScheduler (conf/sample.yaml lists every option). Writes
 one PNG per image to <output>/images/ and a labelled grid (rows: prompts, columns: settings) to
-<output>/grid.png. Lists of steps, eta or guidance_scale make the grid's columns.
+<output>/grid.png. Lists of steps, eta or guidance_scale make the grid's columns. Every option is
+checked before anything is loaded: a bad one is one line naming the key.
 """
 
 import json
 import logging
+import math
 from pathlib import Path
+from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from tdd_lightning.errors import UserError
+from tdd_lightning.errors import ConfigError, UserError, check
 from tdd_lightning.models.dtypes import DTYPES
 
 log = logging.getLogger("sample")
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+# option -> (what each value must satisfy, the rule in words); a list of values makes grid columns
+GRID_OPTIONS = {
+    "steps": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+    "eta": (lambda v: _is_number(v) and 0.0 <= v <= 1.0, "a number in [0, 1]"),
+    "guidance_scale": (lambda v: _is_number(v) and v >= 0.0, "a number >= 0 (1: no CFG)"),
+}
+
+
+def check_options(cfg: DictConfig) -> None:
+    """Every sampling option in range and of the right type (ConfigError naming the key), before loading."""
+    for key, (ok, rule) in GRID_OPTIONS.items():
+        value = cfg[key]
+        value = OmegaConf.to_object(value) if OmegaConf.is_config(value) else value
+        if value is None:  # the LoRA's recommendation
+            continue
+        values = value if isinstance(value, list) else [value]
+        valid = bool(values) and all(ok(v) for v in values)
+        check(valid, key, value, f"must be null, {rule} or a list of them")
+    check(_is_int(cfg.batch) and cfg.batch >= 1, "batch", cfg.batch, "must be an integer >= 1")
+    check(_is_int(cfg.seed), "seed", cfg.seed, "must be an integer")
+    check(_is_number(cfg.lora_scale), "lora_scale", cfg.lora_scale, "must be a finite number")
+    check(_is_int(cfg.cell) and cfg.cell >= 1, "cell", cfg.cell, "must be an integer >= 1 (pixels)")
+    for key in ("height", "width"):
+        value = cfg[key]
+        ok = value is None or (_is_int(value) and value >= 8 and value % 8 == 0)
+        check(ok, key, value, "must be null or a positive multiple of 8 (pixels)")
+    if cfg.dtype != "auto" and cfg.dtype not in DTYPES:
+        raise ConfigError("dtype", cfg.dtype, f"choose auto, {', '.join(DTYPES)}")
 
 
 def read_prompts(cfg: DictConfig) -> list[str]:
@@ -63,6 +104,7 @@ def resolve_inputs(cfg: DictConfig) -> tuple[Path | None, dict, str]:
 
 
 def run(cfg: DictConfig) -> Path:
+    check_options(cfg)  # before torch, the LoRA, the base model or the pipeline
     import torch
 
     from tdd_lightning.pipelines import generate, load_tdd_pipeline, recommended_call_kwargs, settings_grid
@@ -75,12 +117,8 @@ def run(cfg: DictConfig) -> Path:
     pick = {k: rec[name] if cfg[k] is None else cfg[k] for k, name in names.items()}
     pick = {k: OmegaConf.to_object(v) if OmegaConf.is_config(v) else v for k, v in pick.items()}
     settings, varying = settings_grid(**pick)
-    if cfg.batch < 1:
-        raise UserError(f"batch={cfg.batch} must be >= 1")
 
     device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    if cfg.dtype != "auto" and cfg.dtype not in DTYPES:
-        raise UserError(f"dtype={cfg.dtype!r}: choose auto, {', '.join(DTYPES)}")
     dtype = DTYPES.get(cfg.dtype, torch.float16 if str(device).startswith("cuda") else torch.float32)
     log.info(
         "base %s, LoRA %s, %d prompt(s), %d setting(s) on %s", base, lora, len(prompts), len(settings), device

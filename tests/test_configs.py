@@ -112,8 +112,8 @@ def test_a_bad_loss_knob_names_it(tmp_path):
 
 CALLBACK_SETS = {"default", "none", "smoke", "toy", "sdxl"}
 DEFAULT_CALLBACKS = [
-    "model_checkpoint", "lr_monitor", "samples_per_second", "time_histograms", "sample_grid",
-    "skipped_samples", "preemption", "progress_bar", "lora_export",
+    "model_checkpoint", "retention", "lr_monitor", "samples_per_second", "time_histograms", "sample_grid",
+    "skipped_samples", "preemption", "crash_checkpoint", "progress_bar", "lora_export",
 ]  # fmt: skip
 
 

@@ -91,13 +91,12 @@ def test_a_crash_in_the_loop_saves_the_state_and_auto_resumes_it(tiny_sdxl_dir, 
         tiny_sdxl_dir, "trainer.max_steps=4", "callbacks.model_checkpoint.every_n_train_steps=100"
     )
     overrides += [
-        "+callbacks.crash._target_=tdd_lightning.training.callbacks.CrashCheckpoint",
         "+callbacks.fails._target_=tests.test_run_folder._FailsAtStep", "+callbacks.fails.step=3",
     ]  # fmt: skip
     with pytest.raises(RuntimeError, match="boom"):
         train(compose_cfg(overrides, out))
     crash = out / "checkpoints" / "crash.ckpt"
-    assert torch.load(crash, weights_only=True)["global_step"] == 3
+    assert torch.load(crash, weights_only=True)["global_step"] == 3  # callbacks.crash_checkpoint, a default
     overrides = [o for o in overrides if "fails" not in o] + ["ckpt_path=auto"]
     assert resolve_ckpt_path(compose_cfg(overrides, out)) == str(crash)
     assert train(compose_cfg(overrides, out))["global_step"] == 4

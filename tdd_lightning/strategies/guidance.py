@@ -7,6 +7,7 @@ captions, in the teacher's unconditional branch, and as the negative at inferenc
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -15,6 +16,11 @@ from tdd_lightning.strategies.base import check, uniform
 from tdd_lightning.strategies.inference import guidance_scale_for
 
 UNCOND_CONVENTIONS = ("zeros", "empty_prompt")
+
+
+def finite(value) -> bool:
+    """A real number that is neither inf nor nan (a CFG scale of inf makes every target inf or nan)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 @dataclass
@@ -29,7 +35,7 @@ class Guidance:
     name = "base"
 
     def __init__(self, p_empty: float = 0.0, uncond: str = "zeros"):
-        check(0.0 <= p_empty <= 1.0, "p_empty", p_empty, "must lie in [0, 1]")
+        check(finite(p_empty) and 0.0 <= p_empty <= 1.0, "p_empty", p_empty, "must lie in [0, 1]")
         check(uncond in UNCOND_CONVENTIONS, "uncond", uncond, f"must be one of {UNCOND_CONVENTIONS}")
         self.p_empty, self.uncond = p_empty, uncond
 
@@ -68,10 +74,13 @@ class DecoupledGuidance(Guidance):
         if w_min is not None or w_max is not None:
             both = w_min is not None and w_max is not None
             check(both, "w_min", (w_min, w_max), "set both w_min and w_max")
+            for key, value in (("w_min", w_min), ("w_max", w_max)):
+                check(finite(value), key, value, "must be a finite number (not inf or nan)")
             check(0.0 <= w_min <= w_max, "w_min", (w_min, w_max), "need 0 <= w_min <= w_max")
             self.w_min, self.w_max = float(w_min), float(w_max)
         else:
-            check(w is not None and w >= 0.0, "w", w, "must be >= 0 (LCM form: standard CFG scale = 1 + w)")
+            ok = w is not None and finite(w) and w >= 0.0
+            check(ok, "w", w, "must be a finite number >= 0 (LCM form: standard CFG scale = 1 + w)")
             self.w_min = self.w_max = float(w)
 
     def sample_w(self, n, generator):

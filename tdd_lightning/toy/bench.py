@@ -6,7 +6,7 @@ one evaluation of all of them next to the teacher, written to docs/results/toy.m
 Each student is ``python train.py experiment=toy_tdd`` with one override set (below) and ``seed=S``; only
 the target selection (or, for the guidance study, ``guidance.p_empty``) differs, so steps, batch, lr,
 LoRA rank, teacher guidance and dropout are the same for every method. Finished runs (their
-``metrics.json`` exists) are reused, so an interrupted benchmark resumes where it stopped. The
+``metrics.json`` reads) are reused, so an interrupted benchmark resumes where it stopped. The
 evaluation is ``python -m tdd_lightning.toy.eval`` with ``--paired-seeds``: training seed i samples with
 sampling seed i; the teacher samples with all of them.
 """
@@ -21,6 +21,8 @@ import sys
 import time
 from pathlib import Path
 
+from tdd_lightning.checkpoint_io import atomic_write
+
 ROOT = Path(__file__).resolve().parents[2]
 
 # name -> train.py overrides on top of experiment=toy_tdd
@@ -33,9 +35,18 @@ METHODS = {
 }
 
 
+def read_json(path: Path) -> dict:
+    """A JSON object from ``path``; {} when it is missing, truncated or not an object (then: redo)."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
 def train_student(name: str, overrides: list[str], seed: int, runs: Path, extra: list[str]) -> Path:
     run = runs / f"{name.replace(' ', '_').replace('=', '')}_seed{seed}"
-    if (run / "metrics.json").is_file():
+    if read_json(run / "metrics.json"):  # finished (a truncated metrics.json: resume and finish again)
         print(f"[bench] {name} seed {seed}: done before ({run})", flush=True)
         return run
     cmd = [
@@ -192,19 +203,16 @@ def main(argv: list[str] | None = None) -> int:
     ]  # fmt: skip
     eval_start = time.time()
     done = eval_dir / "bench_eval_args.json"
-    previous = json.loads(done.read_text()) if done.is_file() else {}
-    if (
-        isinstance(previous, dict)
-        and previous.get("args") == eval_args
-        and (eval_dir / "results.json").is_file()
-    ):
+    previous = read_json(done)  # a half-written or corrupt marker means: evaluate again
+    if previous.get("args") == eval_args and read_json(eval_dir / "results.json").get("records"):
         print(f"[bench] evaluation done before ({eval_dir})", flush=True)
     else:
         print("[bench] python -m tdd_lightning.toy.eval " + " ".join(eval_args), flush=True)
         from tdd_lightning.toy import eval as toy_eval
 
         toy_eval.main(eval_args)
-        done.write_text(json.dumps({"args": eval_args, "minutes": (time.time() - eval_start) / 60}))
+        marker = json.dumps({"args": eval_args, "minutes": (time.time() - eval_start) / 60})
+        atomic_write(done, lambda tmp: tmp.write_text(marker))
     meta = {
         "argv": sys.argv[1:] if argv is None else argv,
         "train_minutes": train_min,
@@ -227,7 +235,8 @@ def main(argv: list[str] | None = None) -> int:
     findings = ""  # a hand-written analysis survives re-runs
     if out.is_file() and "\n## Findings" in out.read_text():
         findings = "\n## Findings" + out.read_text().split("\n## Findings", 1)[1]
-    out.write_text(page(table, meta, plots) + findings)
+    text = page(table, meta, plots) + findings
+    atomic_write(out, lambda tmp: tmp.write_text(text))  # never half a page: the findings are hand-written
     print(f"[bench] wrote {out} ({(time.time() - start) / 60:.0f} min)")
     return 0
 

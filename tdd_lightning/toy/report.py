@@ -12,6 +12,8 @@ from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
+from tdd_lightning.checkpoint_io import atomic_write
+
 METRICS = (("prompt_acc", "prompt acc", "{:.3f}"), ("fd", "FD", "{:.1f}"), ("agree", "agree", "{:.2f}"))
 KEY = ("model", "steps", "eta", "guidance")
 
@@ -100,7 +102,6 @@ def plot_vs(rows: Sequence[dict], x: str, fixed: dict[str, dict], out: str | Pat
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
+    atomic_write(out, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
     plt.close(fig)
     return out

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from tdd_lightning.checkpoint_io import atomic_write
 from tdd_lightning.pipelines import Setting
 from tdd_lightning.toy.sampling import trailing_timesteps
 from tdd_lightning.toy.suite import student_timesteps
@@ -94,7 +95,8 @@ def _line(name: str, s, res: dict) -> str:
 def write_report(
     out: Path, records: list[dict], reals: dict, grid: Grid, columns: dict, captions: list[str], meta: dict
 ) -> dict[str, Path]:
-    """table.md, results.json, plots and the sample grid into ``out``; returns the written paths."""
+    """table.md, results.json, plots and the sample grid into ``out`` (each written atomically: a kill
+    leaves the previous file or the new one, never half of one); returns the written paths."""
     from tdd_lightning.plotting import label_grid
     from tdd_lightning.toy.report import aggregate, markdown_table, plot_vs
 
@@ -110,8 +112,9 @@ def write_report(
         f"{meta['ref_guidance']:g} image from the same noise (0 = identical)."
     )
     paths = {"table": out / "table.md", "results": out / "results.json"}
-    paths["table"].write_text(header + "\n\n" + table + "\n")
-    paths["results"].write_text(json.dumps({"meta": meta, "records": records, "real": reals}, indent=1))
+    results = json.dumps({"meta": meta, "records": records, "real": reals}, indent=1)
+    atomic_write(paths["table"], lambda tmp: tmp.write_text(header + "\n\n" + table + "\n"))
+    atomic_write(paths["results"], lambda tmp: tmp.write_text(results))
     students = sorted({r["model"] for r in rows} - {TEACHER})
     first_eta, first_g = grid.etas[0], grid.guidances[0]
     fixed = {m: {"eta": first_eta, "guidance": first_g} for m in students}
@@ -138,6 +141,6 @@ def write_report(
         grid_img = label_grid(
             [c.float() / 255 for c in cols], list(columns), captions[: len(cols[0])], cell=96
         )
-        grid_img.save(out / "grid.png")
+        atomic_write(out / "grid.png", lambda tmp: grid_img.save(tmp, format="PNG"))
         paths["grid"] = out / "grid.png"
     return paths

@@ -8,7 +8,8 @@ Agreement compares with the teacher's reference image of the same prompt and ini
 (``ref_steps`` DDIM steps, eta 0, ``ref_guidance``).
 
 Teacher cells are deterministic functions of the shipped teacher and the settings, so they are cached
-on disk (``cache_dir``; keyed by the teacher's UNet file hash and the settings).
+on disk (``cache_dir``; keyed by the teacher's UNet file hash and the settings; written atomically and
+checked on read, a bad file is recomputed: :mod:`tdd_lightning.toy.cache`).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from pathlib import Path
 import torch
 
 from tdd_lightning.pipelines import Setting
+from tdd_lightning.toy.cache import TeacherCache
 from tdd_lightning.toy.data import labels_tensor, load_split
 from tdd_lightning.toy.metrics import agreement, classify, score
 from tdd_lightning.toy.sampling import encode_prompts, initial_noise, sample_images, trailing_timesteps
@@ -84,6 +86,7 @@ class Suite:
         cond = encode_prompts(components, [a["caption"] for a in self.prompts])
         self.cond = {k: v.to(self.device) for k, v in cond.items()}
         self.cache_dir = Path(cache_dir) if cache_dir else None
+        self.cache = TeacherCache(self.cache_dir) if self.cache_dir else None
         self.teacher_id = teacher_id
         self.progress = progress  # a bar (stderr) over each cell's sampling steps
         self._refs: dict[int, torch.Tensor] = {}
@@ -123,9 +126,11 @@ class Suite:
     def reference_features(self, seed: int) -> torch.Tensor:
         """Evaluator features of the teacher's reference images for ``seed`` (cached: memory, disk)."""
         if seed not in self._refs:
-            path = self._cache_path(self._cache_key(self.reference_setting(seed)), ".pt")
-            if path is not None and path.is_file():
-                self._refs[seed] = torch.load(path, map_location="cpu")
+            key = self._cache_key(self.reference_setting(seed))
+            shape = (self.n, self.real_feats.shape[1])  # one feature row per prompt
+            cached = self.cache.read_features(key, shape) if self.cache is not None else None
+            if cached is not None:
+                self._refs[seed] = cached
             else:  # sampling the reference stores its features
                 self._teacher_sample(self.reference_setting(seed))
         return self._refs[seed]
@@ -171,10 +176,8 @@ class Suite:
         preds, feats = classify(self.evaluator, images)
         if s == self.reference_setting(s.seed):
             self._refs[s.seed] = feats
-            path = self._cache_path(self._cache_key(s), ".pt")
-            if path is not None:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                torch.save(feats, path)
+            if self.cache is not None:
+                self.cache.write_features(self._cache_key(s), feats)
         return images, preds, feats
 
     # ---- teacher cache ----------------------------------------------------------------------------
@@ -182,15 +185,9 @@ class Suite:
         raw = json.dumps([self.teacher_id, self.n, self.ref_steps, self.ref_guidance, asdict(s)])
         return hashlib.sha256(raw.encode()).hexdigest()[:20]
 
-    def _cache_path(self, key: str, suffix: str) -> Path | None:
-        return self.cache_dir / f"{key}{suffix}" if self.cache_dir else None
-
     def _cache_read(self, key: str) -> dict | None:
-        path = self._cache_path(key, ".json")
-        return json.loads(path.read_text()) if path is not None and path.is_file() else None
+        return self.cache.read_cell(key) if self.cache is not None else None
 
     def _cache_write(self, key: str, res: dict) -> None:
-        path = self._cache_path(key, ".json")
-        if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps(res))
+        if self.cache is not None:
+            self.cache.write_cell(key, res)

@@ -17,7 +17,12 @@ from typing import Any
 import lightning as L
 from omegaconf import DictConfig, OmegaConf
 
-from tdd_lightning.checkpoint_io import CheckpointError, check_checkpoint
+from tdd_lightning.checkpoint_io import (
+    CheckpointError,
+    atomic_write,
+    check_checkpoint,
+    clean_checkpoint_folder,
+)
 from tdd_lightning.errors import ConfigError, UserError
 from tdd_lightning.models.config import ModelConfig
 from tdd_lightning.models.loading import ModelNotFoundError, is_hub_id, resolve_model_path
@@ -163,6 +168,7 @@ def fit(cfg: DictConfig, prepared: Prepared) -> dict[str, float]:
     module, callbacks = prepared.module, prepared.callbacks
     loggers = [build(f"logger.{k}", v) for k, v in (cfg.get("logger") or {}).items() if v]
     trainer: L.Trainer = build("trainer", cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    clean_checkpoint_folder(trainer)  # the temp files of a save killed mid-write (kill -9)
     resolved = {k: OmegaConf.to_container(cfg[k], resolve=True) if OmegaConf.is_config(cfg[k]) else cfg[k]
                 for k in cfg if k != "hydra"}  # fmt: skip
     for logger in loggers:
@@ -175,5 +181,5 @@ def fit(cfg: DictConfig, prepared: Prepared) -> dict[str, float]:
     out = Path(cfg.paths.output_dir)
     if trainer.is_global_zero:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        atomic_write(out / "metrics.json", lambda tmp: tmp.write_text(json.dumps(metrics, indent=2)))
     return metrics

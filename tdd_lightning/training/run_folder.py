@@ -14,6 +14,7 @@ import socket
 import time
 from pathlib import Path
 
+from tdd_lightning.checkpoint_io import pid_alive
 from tdd_lightning.errors import UserError
 
 LOCK_NAME = ".run.lock"
@@ -25,16 +26,6 @@ def is_rank_zero() -> bool:
     for var in ("RANK", "SLURM_PROCID", "LOCAL_RANK"):
         if os.environ.get(var) not in (None, "", "0"):
             return False
-    return True
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
     return True
 
 
@@ -71,7 +62,7 @@ class RunFolderLock:
         except (OSError, ValueError, KeyError, TypeError):
             self.path.unlink(missing_ok=True)  # unreadable: a crash mid-write; nobody can own it
             return
-        if host == socket.gethostname() and not _alive(pid):
+        if host == socket.gethostname() and not pid_alive(pid):
             self.path.unlink(missing_ok=True)
             return
         raise UserError(

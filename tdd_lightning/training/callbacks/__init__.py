@@ -1,4 +1,5 @@
-"""Lightning callbacks: sample grids, histograms, throughput, preemption, LoRA export beside checkpoints.
+"""Lightning callbacks: sample grids, histograms, throughput, preemption, LoRA export beside checkpoints,
+checkpoint retention.
 
 (The toy's end-of-training evaluation lives with the toy: ``tdd_lightning.toy.callback``.)
 """
@@ -8,5 +9,14 @@ from tdd_lightning.training.callbacks.export import LoRAExport
 from tdd_lightning.training.callbacks.grid import SampleGrid
 from tdd_lightning.training.callbacks.monitors import SamplesPerSecond, TimeHistograms
 from tdd_lightning.training.callbacks.preemption import Preemption
+from tdd_lightning.training.callbacks.retention import CheckpointRetention
 
-__all__ = ["CrashCheckpoint", "LoRAExport", "Preemption", "SampleGrid", "SamplesPerSecond", "TimeHistograms"]
+__all__ = [
+    "CheckpointRetention",
+    "CrashCheckpoint",
+    "LoRAExport",
+    "Preemption",
+    "SampleGrid",
+    "SamplesPerSecond",
+    "TimeHistograms",
+]
