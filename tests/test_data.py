@@ -14,6 +14,7 @@ from tdd_lightning.data.datamodule import ShardDataModule, SkippedSamplesLogger
 from tdd_lightning.data.dataset import NoValidSamplesError
 from tdd_lightning.data.preprocess import SDXLPreprocess
 from tdd_lightning.data.shards import ShardWriter, expand_shards
+from tdd_lightning.errors import ConfigError
 
 
 def noise_image(h: int, w: int, seed: int) -> Image.Image:
@@ -114,11 +115,10 @@ def test_raw_shards_to_batch_with_known_size_and_crop(tmp_path):
     assert batch["time_ids"][i["meta"]][:2].tolist() == [40, 32]
 
 
-def test_missing_shard_path_fails_at_setup_naming_it(tmp_path):
+def test_missing_shard_path_fails_when_built_naming_it(tmp_path):
     write_shards(tmp_path, 1, 2)
-    dm = ShardDataModule([str(tmp_path / "s-000000.tar"), str(tmp_path / "nope-000001.tar")], num_workers=0)
-    with pytest.raises(FileNotFoundError, match="nope-000001.tar"):
-        dm.setup("fit")
+    with pytest.raises(ConfigError, match=r"^train_shards=.* is invalid: shard not found: .*nope-000001.tar"):
+        ShardDataModule([str(tmp_path / "s-000000.tar"), str(tmp_path / "nope-000001.tar")], num_workers=0)
     with pytest.raises(FileNotFoundError, match="no shard matches"):
         expand_shards(str(tmp_path / "missing-*.tar"))
     with pytest.raises(ValueError, match="mode"):

@@ -144,7 +144,7 @@ def test_truncated_checkpoint_gives_a_clear_error(tiny_sdxl_dir, tmp_path):
 # ---- subprocess runs: signals and kill -9 -------------------------------------------------------------
 
 
-def start(tiny_sdxl_dir, out, *extra):
+def start(tiny_sdxl_dir, out, *extra, **popen):
     args = [
         sys.executable, str(ROOT / "train.py"), "experiment=smoke", f"model.pretrained={tiny_sdxl_dir}",
         "callbacks.sample_grid.prompts=[]", "trainer.log_every_n_steps=1", "data.batch_size=4",
@@ -152,7 +152,7 @@ def start(tiny_sdxl_dir, out, *extra):
     ]  # fmt: skip
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TDD_ROOT": str(out.parent), "PYTHONUNBUFFERED": "1"}
     return subprocess.Popen(
-        args, cwd=out.parent, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        args, cwd=out.parent, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen
     )
 
 
@@ -182,6 +182,68 @@ def test_signal_saves_a_checkpoint_and_exits_cleanly(sig, tiny_sdxl_dir, tmp_pat
     assert "preempted" in output and "checkpoint saved to" in output
     ckpt = torch.load(out / "checkpoints" / "last.ckpt", weights_only=False)
     assert 2 <= ckpt["global_step"] < 100000
+
+
+def group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])
+def test_signal_to_the_whole_process_group_with_two_workers(sig, tiny_sdxl_dir, tmp_path):
+    """SLURM signals every process of the step: the workers must leave it to the main process."""
+    out = tmp_path / "run"
+    proc = start(
+        tiny_sdxl_dir, out, "trainer.max_steps=100000", "callbacks.model_checkpoint.every_n_train_steps=2",
+        "data.num_workers=2", start_new_session=True,
+    )  # fmt: skip
+    wait_for(out / "checkpoints" / "step_0000002.ckpt", proc)
+    os.killpg(proc.pid, sig)  # the main process and its two DataLoader workers
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, output[
+        -3000:
+    ]  # before: RuntimeError: DataLoader worker ... killed by signal
+    assert "preempted" in output and "checkpoint saved to" in output and "Traceback" not in output
+    end = time.monotonic() + 30
+    while group_alive(proc.pid):  # no worker left behind
+        assert time.monotonic() < end, "a process of the run outlived it"
+        time.sleep(0.2)
+    last = out / "checkpoints" / "last.ckpt"
+    step = torch.load(last, weights_only=False)["global_step"]
+    assert step >= 2
+    os.environ["TDD_ROOT"] = str(tmp_path)
+    common = ["experiment=smoke", f"model.pretrained={tiny_sdxl_dir}", "callbacks.sample_grid.prompts=[]",
+              "data.batch_size=4", "data.num_samples=64", "data.num_workers=2"]  # fmt: skip
+    metrics = train(
+        compose_cfg([*common, f"trainer.max_steps={step + 2}", f"ckpt_path={last}"], tmp_path / "b")
+    )
+    assert metrics["global_step"] == step + 2  # resumable
+
+
+def test_synthetic_resume_matches_the_straight_run_for_20_steps(tiny_sdxl_dir, tmp_path):
+    """Resumed at an epoch end (step 8 of 8 per epoch) and mid-epoch (step 4): 22 and 26 steps, loss by
+    loss, across three epoch boundaries. Before: the epoch-end checkpoint trained nothing ("No training
+    batches", exit 0) and the mid-epoch one drifted from its first epoch boundary on."""
+    os.environ["TDD_ROOT"] = str(tmp_path)
+    common = [
+        "experiment=smoke", f"model.pretrained={tiny_sdxl_dir}", "callbacks.sample_grid.prompts=[]",
+        "callbacks.lora_export=null", "trainer.log_every_n_steps=1", "data.num_samples=32",
+        "data.batch_size=4", "callbacks.model_checkpoint.every_n_train_steps=4", "trainer.max_steps=30",
+    ]  # fmt: skip
+    train(compose_cfg(common, tmp_path / "full"))
+    full = losses(tmp_path / "full")
+    assert sorted(full) == list(range(30))
+    for at in (8, 4):
+        ckpt = tmp_path / "full" / "checkpoints" / f"step_{at:07d}.ckpt"
+        metrics = train(compose_cfg([*common, f"ckpt_path={ckpt}"], tmp_path / f"from{at}"))
+        assert metrics["global_step"] == 30
+        got = losses(tmp_path / f"from{at}")
+        assert sorted(got) == list(range(at, 30)) and len(got) >= 20
+        for step, loss in got.items():
+            assert loss == pytest.approx(full[step], rel=1e-6, abs=1e-9), (at, step)
 
 
 def test_exact_resume_after_kill_9(tiny_sdxl_dir, tmp_path):

@@ -6,11 +6,14 @@
   ``caption`` read from shards written by ``python -m tdd_lightning.data.encode``; no VAE or text
   encoder is loaded. ``uncond`` then holds the encoded empty prompt from ``uncond.safetensors``.
 Every batch also has ``key`` (the sample names). Bad samples are skipped with a warning and counted in
-``skipped`` (log it with ``SkippedSamplesLogger``); a pass that yields no batch at all is an error.
+``skipped``, by reason in ``skipped_by_reason()`` (log them with ``SkippedSamplesLogger``); a pass that
+yields no batch at all is an error. A missing shard or a pattern that matches none is a ``ConfigError``
+naming ``train_shards`` when the module is built, before any worker starts.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Sequence
 
@@ -19,6 +22,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from tdd_lightning.data.dataset import (
+    EMPTY_CAPTIONS,
+    SKIP_REASONS,
     CachedDecoder,
     NoValidSamplesError,
     RawDecoder,
@@ -27,10 +32,40 @@ from tdd_lightning.data.dataset import (
 )
 from tdd_lightning.data.preprocess import SDXLPreprocess
 from tdd_lightning.data.ranks import rank_and_world
-from tdd_lightning.data.shards import check_shards_exist, expand_shards, is_url, open_shard
+from tdd_lightning.data.shards import (
+    ShardNotFoundError,
+    check_shards_exist,
+    expand_shards,
+    is_url,
+    open_shard,
+)
+from tdd_lightning.data.workers import WorkerInit
+from tdd_lightning.errors import ConfigError, UserError
 
 UNCOND_FILE = "uncond.safetensors"  # written by the offline cache next to its shards
+META_FILE = "meta.json"  # idem: settings and shapes (the latent shape checks every cached sample)
 MODES = ("raw", "cached")
+
+
+class UncondNotFoundError(UserError, FileNotFoundError):
+    """The cache's encoded empty prompt is missing: reported in one line naming ``data.uncond_path``."""
+
+
+def resolve_shards(spec: str | Sequence[str]) -> list[str]:
+    """The shard list of ``spec`` (expanded, absolute, every local one existing), or a ConfigError."""
+    try:
+        shards = expand_shards(spec)
+        check_shards_exist(shards)
+    except ShardNotFoundError as e:
+        shown = spec if isinstance(spec, str) else [str(s) for s in spec]
+        if len(shown) > 3 and not isinstance(spec, str):
+            shown = [*shown[:2], f"... ({len(shown)} in all)"]
+        raise ConfigError("train_shards", shown, str(e)) from None
+    return shards
+
+
+def _beside(shard: str, name: str) -> str:
+    return shard[: shard.rfind("/") + 1] + name
 
 
 class ShardLoader(DataLoader):
@@ -51,12 +86,25 @@ class ShardLoader(DataLoader):
             )
 
 
+def cached_latent_shape(first_shard: str) -> list[int] | None:
+    """The latent shape recorded in the cache's ``meta.json`` beside ``first_shard`` (None: no meta.json)."""
+    path = _beside(first_shard, META_FILE)
+    if is_url(path) or not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        shape = json.load(f).get("latent_shape")
+    return list(shape) if shape else None
+
+
 def load_uncond(path: str) -> dict[str, torch.Tensor]:
     """The encoded empty prompt: ``prompt_embeds`` [77, D] and ``pooled_prompt_embeds`` [D2], float32."""
     from safetensors.torch import load
 
     if not is_url(path) and not os.path.isfile(path):
-        raise FileNotFoundError(f"unconditional embeddings not found: {path} (written by data.encode)")
+        raise UncondNotFoundError(
+            f"data.uncond_path: unconditional embeddings not found: {path} (written by "
+            "python -m tdd_lightning.data.encode beside its shards)"
+        )
     with open_shard(path) as f:
         tensors = load(f.read())
     return {k: tensors[k].float() for k in ("prompt_embeds", "pooled_prompt_embeds")}
@@ -81,6 +129,11 @@ class ShardDataModule(L.LightningDataModule):
         drop_last: drop each worker's last partial batch.
         persistent_workers: keep workers between epochs.
         uncond_path: cached mode: the empty-prompt file (default: ``uncond.safetensors`` beside the shards).
+        empty_captions: ``keep`` (default: train on them as the empty prompt, counted in
+            ``empty_captions_kept``) or ``skip`` (skipped and counted, reason ``empty_caption``).
+
+    A cached sample whose tensors hold NaN/Inf, or whose shapes differ from the cache's (``meta.json``
+    latent shape, ``uncond`` text shapes), is skipped and counted (reasons ``nonfinite``, ``shape``).
     """
 
     def __init__(
@@ -100,11 +153,15 @@ class ShardDataModule(L.LightningDataModule):
         drop_last: bool = False,
         persistent_workers: bool = False,
         uncond_path: str | None = None,
+        empty_captions: str = "keep",
     ):
         super().__init__()
         if mode not in MODES:
-            raise ValueError(f"data mode must be one of {MODES}, got {mode!r}")
-        self.train_shards, self.mode = train_shards, mode
+            raise ConfigError("mode", mode, f"must be one of {', '.join(MODES)}")
+        if empty_captions not in EMPTY_CAPTIONS:
+            raise ConfigError("empty_captions", empty_captions, f"must be one of {', '.join(EMPTY_CAPTIONS)}")
+        self.train_shards, self.mode, self.empty_captions = train_shards, mode, empty_captions
+        self.shards = resolve_shards(train_shards)  # a missing shard fails here, named, before any worker
         self.batch_size, self.num_workers, self.pin_memory = batch_size, num_workers, pin_memory
         self.resolution = resolution if isinstance(resolution, int) else tuple(resolution)
         self.center_crop, self.random_flip = center_crop, random_flip
@@ -121,12 +178,15 @@ class ShardDataModule(L.LightningDataModule):
     # ---- set-up ----------------------------------------------------------------------------------
     def _decoder(self) -> RawDecoder | CachedDecoder:
         if self.mode == "cached":
-            return CachedDecoder()
-        return RawDecoder(SDXLPreprocess(self.resolution, self.center_crop, self.random_flip))
+            shapes = {k: tuple(v.shape) for k, v in self.uncond.items()}  # the text embeddings
+            latents = cached_latent_shape(self.shards[0])
+            if latents:
+                shapes["latents"] = tuple(latents)
+            return CachedDecoder(shapes, empty_captions=self.empty_captions)
+        preprocess = SDXLPreprocess(self.resolution, self.center_crop, self.random_flip)
+        return RawDecoder(preprocess, empty_captions=self.empty_captions)
 
-    def _dataset(self, spec, train: bool) -> ShardDataset:
-        shards = expand_shards(spec)
-        check_shards_exist(shards)  # a missing path fails here, named, before any worker starts
+    def _dataset(self, shards: list[str], train: bool) -> ShardDataset:
         rank, world = rank_and_world(self.trainer)
         return ShardDataset(
             shards,
@@ -142,11 +202,10 @@ class ShardDataModule(L.LightningDataModule):
         )
 
     def setup(self, stage: str | None = None) -> None:
-        if self.train_dataset is None:
-            self.train_dataset = self._dataset(self.train_shards, train=True)
         if self.mode == "cached" and self.uncond is None:
-            first = self.train_dataset.shards[0]
-            self.uncond = load_uncond(self.uncond_path or first[: first.rfind("/") + 1] + UNCOND_FILE)
+            self.uncond = load_uncond(self.uncond_path or _beside(self.shards[0], UNCOND_FILE))
+        if self.train_dataset is None:
+            self.train_dataset = self._dataset(self.shards, train=True)
 
     # ---- loaders ---------------------------------------------------------------------------------
     def _loader(self, dataset: ShardDataset) -> ShardLoader:
@@ -158,6 +217,7 @@ class ShardDataModule(L.LightningDataModule):
             pin_memory=self.pin_memory,
             drop_last=self.drop_last,
             persistent_workers=self.persistent_workers and self.num_workers > 0,
+            worker_init_fn=WorkerInit(dataset.rank),  # workers ignore the job's signals; Lightning's seeds
         )
 
     def train_dataloader(self) -> ShardLoader:
@@ -174,14 +234,25 @@ class ShardDataModule(L.LightningDataModule):
     def skipped_by_reason(self) -> dict[str, int]:
         return self.train_dataset.skips.by_reason() if self.train_dataset is not None else {}
 
+    @property
+    def empty_captions_kept(self) -> int:
+        """Samples trained on with an empty caption (``empty_captions=keep``), all workers and epochs."""
+        return self.train_dataset.notes.count("empty_caption_kept") if self.train_dataset is not None else 0
+
 
 class SkippedSamplesLogger(L.Callback):
-    """Log the datamodule's skipped-sample count as ``data/skipped`` (summed over ranks)."""
+    """Log the skipped-sample count as ``data/skipped``, and by reason as ``data/skipped_<reason>`` and
+    ``data/empty_captions_kept`` (each summed over ranks; every rank logs every key)."""
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         dm = getattr(trainer, "datamodule", None)
-        if dm is not None and hasattr(dm, "skipped"):
-            value = torch.tensor(float(dm.skipped), device=pl_module.device)
-            pl_module.log(
-                "data/skipped", value, reduce_fx="sum", sync_dist=True, on_step=True, on_epoch=False
-            )
+        if dm is None or not hasattr(dm, "skipped"):
+            return
+        counts = {"data/skipped": dm.skipped}
+        if isinstance(dm, ShardDataModule):
+            by_reason = dm.skipped_by_reason()
+            counts |= {f"data/skipped_{r}": by_reason.get(r, 0) for r in SKIP_REASONS}
+            counts["data/empty_captions_kept"] = dm.empty_captions_kept
+        for name, n in counts.items():
+            value = torch.tensor(float(n), device=pl_module.device)
+            pl_module.log(name, value, reduce_fx="sum", sync_dist=True, on_step=True, on_epoch=False)

@@ -6,6 +6,11 @@ Two sample formats, chosen by the decoder:
 - cached (written by ``tdd_lightning.data.encode``): one safetensors blob with ``latents`` (fp16),
   ``prompt_embeds``, ``pooled_prompt_embeds``, ``time_ids``, plus the caption -> all float32.
 Every sample also carries its ``key`` (the tar member name without extension).
+
+Bad samples are skipped and counted by reason (``SKIP_REASONS``): ``caption`` (none, not UTF-8, bad
+json), ``empty_caption`` (only with ``empty_captions="skip"``), ``image``, ``cached`` (unreadable
+tensors), ``nonfinite`` (NaN/Inf in a cached tensor), ``shape`` (a cached tensor of the wrong shape),
+``shard``/``truncated`` (unreadable tar). Kept empty captions are counted apart (``notes``).
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from tdd_lightning.data.preprocess import SDXLPreprocess
 from tdd_lightning.data.shards import iter_tar_samples
+from tdd_lightning.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +35,9 @@ IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 CAPTION_EXTS = ("txt", "caption", "text")
 CACHED_EXT = "safetensors"  # the member that holds a cached sample's tensors
 CACHED_KEYS = ("latents", "prompt_embeds", "pooled_prompt_embeds", "time_ids")
-SKIP_REASONS = ("shard", "truncated", "image", "caption", "cached")
+SKIP_REASONS = ("shard", "truncated", "image", "caption", "cached", "nonfinite", "shape", "empty_caption")
+NOTES = ("empty_caption_kept",)  # counted, not skipped
+EMPTY_CAPTIONS = ("keep", "skip")  # keep: train on the empty caption (the default); skip: drop the sample
 WARN_FIRST, WARN_EVERY = 10, 1000  # per worker: warn for the first skips, then every WARN_EVERY-th
 
 
@@ -41,56 +49,83 @@ class SkipSample(Exception):
         self.reason = reason
 
 
-class NoValidSamplesError(RuntimeError):
-    """A pass over the shards produced no usable sample."""
+class NoValidSamplesError(UserError):
+    """A pass over the shards produced no usable sample (a RuntimeError; reported in one line)."""
 
 
 class SkipCounter:
-    """Skipped-sample counts in shared memory: DataLoader workers write, the main process reads.
+    """Sample counts in shared memory: DataLoader workers write, the main process reads.
 
-    One row per worker (no write races), one column per reason. Counts accumulate over epochs.
+    One row per worker (no write races), one column per reason (``labels``, default ``SKIP_REASONS``).
+    Counts accumulate over epochs.
     """
 
-    def __init__(self, num_workers: int):
-        self.counts = torch.zeros(max(1, num_workers), len(SKIP_REASONS), dtype=torch.int64).share_memory_()
+    def __init__(self, num_workers: int, labels: Sequence[str] = SKIP_REASONS):
+        self.labels = tuple(labels)
+        self.counts = torch.zeros(max(1, num_workers), len(self.labels), dtype=torch.int64).share_memory_()
 
     def add(self, reason: str) -> int:
         info = get_worker_info()
         row = self.counts[(info.id if info is not None else 0) % len(self.counts)]
-        row[SKIP_REASONS.index(reason)] += 1
+        row[self.labels.index(reason)] += 1
         return int(row.sum())
 
     @property
     def total(self) -> int:
         return int(self.counts.sum())
 
+    def count(self, reason: str) -> int:
+        return int(self.counts[:, self.labels.index(reason)].sum())
+
     def by_reason(self) -> dict[str, int]:
-        return {r: int(n) for r, n in zip(SKIP_REASONS, self.counts.sum(0).tolist(), strict=True) if n}
+        return {r: int(n) for r, n in zip(self.labels, self.counts.sum(0).tolist(), strict=True) if n}
 
 
 def read_caption(sample: dict) -> str:
-    """The caption of a raw sample; ``SkipSample("caption")`` when there is none."""
+    """A sample's caption (stripped); ``SkipSample("caption")`` when there is none or it is unreadable."""
     for ext in CAPTION_EXTS:
         if ext in sample:
-            return sample[ext].decode("utf-8").strip()
+            try:
+                return sample[ext].decode("utf-8").strip()
+            except UnicodeDecodeError as exn:
+                raise SkipSample("caption", f"the .{ext} caption is not UTF-8: {exn}") from None
     if "json" in sample:
-        meta = json.loads(sample["json"])
+        try:
+            meta = json.loads(sample["json"])
+        except ValueError as exn:  # JSONDecodeError and UnicodeDecodeError
+            raise SkipSample("caption", f"unreadable json: {exn}") from None
         for field in ("caption", "text"):
-            if isinstance(meta.get(field), str):
+            if isinstance(meta, dict) and isinstance(meta.get(field), str):
                 return meta[field].strip()
     raise SkipSample("caption", "no caption (txt/caption/text member or json 'caption'/'text' field)")
 
 
-class RawDecoder:
+class CaptionPolicy:
+    """What to do with an empty caption: ``keep`` it (the dataset counts it) or ``skip`` the sample."""
+
+    def __init__(self, empty_captions: str = "keep"):
+        if empty_captions not in EMPTY_CAPTIONS:
+            raise ValueError(f"empty_captions must be one of {EMPTY_CAPTIONS}, got {empty_captions!r}")
+        self.empty_captions = empty_captions
+
+    def caption(self, sample: dict) -> str:
+        caption = read_caption(sample)
+        if not caption and self.empty_captions == "skip":
+            raise SkipSample("empty_caption", "empty caption (empty_captions=skip)")
+        return caption
+
+
+class RawDecoder(CaptionPolicy):
     """Raw sample -> ``pixels``, ``time_ids``, ``caption`` (SDXL preprocessing)."""
 
-    def __init__(self, preprocess: SDXLPreprocess):
+    def __init__(self, preprocess: SDXLPreprocess, empty_captions: str = "keep"):
+        super().__init__(empty_captions)
         self.preprocess = preprocess
 
     def __call__(self, sample: dict, rng: random.Random) -> dict:
         from PIL import Image
 
-        caption = read_caption(sample)
+        caption = self.caption(sample)
         ext = next((e for e in IMAGE_EXTS if e in sample), None)
         if ext is None:
             raise SkipSample("image", f"no image member ({'/'.join(IMAGE_EXTS)})")
@@ -103,13 +138,22 @@ class RawDecoder:
         return {"pixels": pixels, "time_ids": time_ids, "caption": caption}
 
 
-class CachedDecoder:
-    """Cached sample -> ``latents``, ``prompt_embeds``, ``pooled_prompt_embeds``, ``time_ids`` (float32)."""
+class CachedDecoder(CaptionPolicy):
+    """Cached sample -> ``latents``, ``prompt_embeds``, ``pooled_prompt_embeds``, ``time_ids`` (float32).
+
+    ``shapes``: the expected shape per key (``time_ids`` is always (6,)); a key not given takes the shape
+    of this reader's first sample. A tensor of another shape (reason ``shape``) or with a NaN/Inf value
+    (``nonfinite``) is skipped, so that neither a collate error nor a non-finite step can follow.
+    """
+
+    def __init__(self, shapes: dict[str, Sequence[int]] | None = None, empty_captions: str = "keep"):
+        super().__init__(empty_captions)
+        self.shapes = {"time_ids": (6,), **{k: tuple(v) for k, v in (shapes or {}).items()}}
 
     def __call__(self, sample: dict, rng: random.Random) -> dict:
         from safetensors.torch import load
 
-        caption = read_caption(sample)
+        caption = self.caption(sample)
         if CACHED_EXT not in sample:
             raise SkipSample("cached", f"no .{CACHED_EXT} member")
         try:
@@ -117,6 +161,12 @@ class CachedDecoder:
             out = {k: tensors[k].float() for k in CACHED_KEYS}
         except Exception as exn:
             raise SkipSample("cached", f"unreadable cached tensors: {exn!r}") from exn
+        for k in CACHED_KEYS:
+            want = self.shapes.setdefault(k, tuple(out[k].shape))
+            if tuple(out[k].shape) != want:
+                raise SkipSample("shape", f"{k} has shape {list(out[k].shape)}, expected {list(want)}")
+            if not torch.isfinite(out[k]).all():
+                raise SkipSample("nonfinite", f"{k} holds NaN or Inf values")
         out["caption"] = caption
         return out
 
@@ -179,6 +229,7 @@ class ShardDataset(IterableDataset):
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.return_url = return_url  # add each sample's shard as ``url`` (the offline cache needs it)
         self.skips = SkipCounter(num_workers)
+        self.notes = SkipCounter(num_workers, NOTES)  # kept samples worth counting (empty captions)
         self.epoch = 0  # advanced by each __iter__ (in whichever process runs it) and by the loader
         self.stream = 0  # mixed into every seed; the datamodule sets the global step, so a resume draws anew
 
@@ -213,6 +264,8 @@ class ShardDataset(IterableDataset):
             except Exception as exn:  # anything unforeseen in one sample must not stop training
                 self._skip("image", sample["__url__"], f"{sample['__key__']}: {exn!r}")
                 continue
+            if out["caption"] == "":
+                self.notes.add("empty_caption_kept")
             out["key"] = sample["__key__"]
             if self.return_url:
                 out["url"] = sample["__url__"]

@@ -9,6 +9,10 @@ Each input shard gives one output shard of the same name. Each sample holds ``<k
 The out folder also gets ``uncond.safetensors`` (the encoded empty prompt "", float32) and
 ``meta.json`` (settings and counts). Crop and flip are drawn once here and frozen in the cache (the
 time ids record them). Training with ``data.mode=cached`` then never loads the VAE or text encoders.
+
+The out folder may not be, contain or lie inside an input shard's folder; the cache is written beside it
+and renamed into place when complete, so an error or a kill never leaves half a cache where a good one
+was (``tdd_lightning.data.cache_folder``). ``--overwrite`` replaces a previous cache only.
 """
 
 from __future__ import annotations
@@ -21,6 +25,8 @@ from pathlib import Path
 
 import torch
 
+from tdd_lightning.data.cache_folder import StagedFolder, check_output_folder
+from tdd_lightning.errors import exit_on_user_error
 from tdd_lightning.models.dtypes import DTYPES
 
 
@@ -35,17 +41,23 @@ def _sample_bytes(tensors: dict[str, torch.Tensor]) -> bytes:
     return save({k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()})
 
 
-def _check_outputs(shards: list[str], out_dir: Path, overwrite: bool) -> list[str]:
-    """The output shard names (one per input, distinct); refuses to replace existing ones unless asked."""
+def _output_names(shards: list[str]) -> list[str]:
+    """The output shard names: one per input, distinct."""
     names = [_out_name(s) for s in shards]
     if len(set(names)) != len(names):
         raise ValueError(
             "input shards must have distinct file names (each gives the output shard of that name)"
         )
-    existing = [n for n in names if (out_dir / n).exists()]
-    if existing and not overwrite:
-        raise FileExistsError(f"{out_dir / existing[0]} exists (pass --overwrite to replace the cache)")
     return names
+
+
+def check_paths(in_shards: str | list[str], out_dir: str | os.PathLike, overwrite: bool) -> tuple[list, Path]:
+    """(input shards, resolved output folder): every input exists, the output is safe to write."""
+    from tdd_lightning.data.shards import check_shards_exist, expand_shards
+
+    shards = expand_shards(in_shards)
+    check_shards_exist(shards)
+    return shards, check_output_folder(shards, out_dir, overwrite)
 
 
 class _ShardOutputs:
@@ -128,63 +140,64 @@ def encode_shards(
     embeds_dtype: torch.dtype = torch.float16,
     overwrite: bool = False,
     progress: bool = True,
+    empty_captions: str = "keep",
 ) -> dict:
     """Encode every raw shard of ``in_shards`` with ``encoder`` (an SDXLEncoder) into ``out_dir``.
 
     Returns the metadata written to ``meta.json`` (counts included). Bad samples are skipped, counted
     and reported like in training; no usable sample at all raises ``NoValidSamplesError``.
-    Steps: check the outputs; read the shards (frozen crops and flips); encode and write each sample;
-    the encoded empty prompt; ``meta.json``.
+    Steps: check the paths; into a partial folder beside ``out_dir``: read the shards (frozen crops and
+    flips), encode and write each sample, the encoded empty prompt, ``meta.json``; rename it into place.
     """
     from torch.utils.data import DataLoader
 
     from tdd_lightning.data.dataset import NoValidSamplesError, RawDecoder, ShardDataset, collate
     from tdd_lightning.data.preprocess import SDXLPreprocess
-    from tdd_lightning.data.shards import check_shards_exist, expand_shards
 
-    shards = expand_shards(in_shards)
-    check_shards_exist(shards)
-    out_dir = Path(out_dir)
-    names = _check_outputs(shards, out_dir, overwrite)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    shards, out = check_paths(in_shards, out_dir, overwrite)
+    names = _output_names(shards)
 
     resolution = resolution or encoder.vae.config.sample_size
     workers = min(num_workers, len(shards))
     preprocess = SDXLPreprocess(resolution, center_crop=center_crop, random_flip=random_flip)
-    dataset = ShardDataset(
-        shards, RawDecoder(preprocess), shuffle=False, seed=seed, num_workers=workers, return_url=True
-    )
+    decoder = RawDecoder(preprocess, empty_captions=empty_captions)
+    dataset = ShardDataset(shards, decoder, shuffle=False, seed=seed, num_workers=workers, return_url=True)
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=collate)
     generator = torch.Generator(encoder.device).manual_seed(seed) if sample_latents else None
 
     start = time.time()
-    outputs = _ShardOutputs(out_dir, shards, names, workers)
-    latent_shape = _encode_loop(loader, encoder, outputs, sample_latents, generator, embeds_dtype, progress)
-    if not outputs.counts:
-        raise NoValidSamplesError(
-            f"no valid sample in {len(shards)} shard(s) ({shards[0]}, ...): "
-            f"{dataset.skips.total} skipped {dataset.skips.by_reason()}"
+    with StagedFolder(out) as staged:
+        outputs = _ShardOutputs(staged.path, shards, names, workers)
+        latent_shape = _encode_loop(
+            loader, encoder, outputs, sample_latents, generator, embeds_dtype, progress
         )
+        if not outputs.counts:
+            raise NoValidSamplesError(
+                f"no valid sample in {len(shards)} shard(s) ({shards[0]}, ...): "
+                f"{dataset.skips.total} skipped {dataset.skips.by_reason()}"
+            )
 
-    prompt_embeds, pooled = _write_uncond(encoder, out_dir)
-    meta = {
-        "resolution": resolution,
-        "center_crop": center_crop,
-        "random_flip": random_flip,
-        "sample_latents": sample_latents,
-        "seed": seed,
-        "scaling_factor": encoder.vae.config.scaling_factor,
-        "latent_shape": latent_shape,
-        "prompt_embeds_shape": list(prompt_embeds.shape[1:]),
-        "pooled_dim": int(pooled.shape[-1]),
-        "latents_dtype": "float16",
-        "embeds_dtype": str(embeds_dtype).removeprefix("torch."),
-        "samples": sum(outputs.counts.values()),
-        "skipped": dataset.skips.by_reason(),
-        "shards": outputs.counts,
-        "seconds": round(time.time() - start, 2),
-    }
-    (out_dir / "meta.json").write_text(json.dumps(meta, indent=1))
+        prompt_embeds, pooled = _write_uncond(encoder, staged.path)
+        meta = {
+            "resolution": resolution,
+            "center_crop": center_crop,
+            "random_flip": random_flip,
+            "sample_latents": sample_latents,
+            "seed": seed,
+            "scaling_factor": encoder.vae.config.scaling_factor,
+            "latent_shape": latent_shape,
+            "prompt_embeds_shape": list(prompt_embeds.shape[1:]),
+            "pooled_dim": int(pooled.shape[-1]),
+            "latents_dtype": "float16",
+            "embeds_dtype": str(embeds_dtype).removeprefix("torch."),
+            "samples": sum(outputs.counts.values()),
+            "skipped": dataset.skips.by_reason(),
+            "empty_captions_kept": dataset.notes.count("empty_caption_kept"),
+            "shards": outputs.counts,
+            "seconds": round(time.time() - start, 2),
+        }
+        (staged.path / "meta.json").write_text(json.dumps(meta, indent=1))
+        staged.publish()
     return meta
 
 
@@ -213,9 +226,13 @@ def main(argv: list[str] | None = None) -> dict:
     )
     p.add_argument("--embeds-dtype", choices=["fp16", "fp32"], default="fp16", help="stored text embeddings")
     p.add_argument("--seed", type=int, default=0, help="seeds random crops/flips and latent sampling")
-    p.add_argument("--overwrite", action="store_true", help="replace existing output shards")
+    p.add_argument("--overwrite", action="store_true", help="replace a previous cache in out_dir")
+    p.add_argument(
+        "--empty-captions", choices=["keep", "skip"], default="keep", help="samples with an empty caption"
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar (stderr)")
     a = p.parse_args(argv)
+    check_paths(a.in_shards, a.out_dir, a.overwrite)  # before the (slow) encoder load
 
     from tdd_lightning.models.encoder import SDXLEncoder
 
@@ -235,6 +252,7 @@ def main(argv: list[str] | None = None) -> dict:
         embeds_dtype=DTYPES[a.embeds_dtype],
         overwrite=a.overwrite,
         progress=not a.no_progress,
+        empty_captions=a.empty_captions,
     )
     print(
         f"wrote {meta['samples']} samples in {len(meta['shards'])} shard(s) to {a.out_dir} "
@@ -244,4 +262,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    exit_on_user_error(main)

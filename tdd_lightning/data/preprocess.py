@@ -8,6 +8,10 @@ records the resized size and forces the crop to (0, 0); here both are the real v
 
 with the crop corner in the coordinates of the resized image (after a horizontal flip, in those of
 the flipped resized image, so the ids describe exactly the pixels the model sees).
+
+Every Pillow mode becomes 8-bit RGB by ``to_rgb`` (16-bit greyscale scaled, not clipped to white;
+transparent pixels composited on ``BACKGROUND``); tests/test_data_robustness.py checks each mode
+against hand-made pixel values.
 """
 
 from __future__ import annotations
@@ -18,6 +22,35 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from PIL import Image, ImageOps
+
+BACKGROUND = (255, 255, 255)  # transparent pixels (RGBA, LA, PA, P or L/RGB with a tRNS key) become white
+SIXTEEN_BIT_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N")  # greyscale, 0..65535 (``I``: clipped to it)
+
+
+def _sixteen_bit_to_rgb(image: Image.Image) -> Image.Image:
+    """16-bit grey -> 8-bit RGB: v8 = round(v * 255 / 65535) (Pillow's convert clips v > 255 to white)."""
+    values = np.asarray(image).astype(np.int64).clip(0, 65535)
+    grey = ((values * 255 + 32767) // 65535).astype(np.uint8)
+    return Image.fromarray(grey).convert("RGB")  # 2-D uint8: mode L
+
+
+def to_rgb(image: Image.Image, background: tuple[int, int, int] = BACKGROUND) -> Image.Image:
+    """Any Pillow mode -> 8-bit RGB, the pixel values the image shows.
+
+    RGB without transparency is returned as it is. 16-bit greyscale (``I;16``, ``I;16B``, ``I``) is
+    scaled to 8 bits. Images with an alpha channel or a transparency key (RGBA, LA, PA, P with tRNS,
+    ...) are composited over ``background``. Everything else (L, P, 1, CMYK, YCbCr) goes through
+    Pillow's ``convert("RGB")``.
+    """
+    if image.mode == "RGB" and "transparency" not in image.info:
+        return image
+    if image.mode in SIXTEEN_BIT_MODES:
+        return _sixteen_bit_to_rgb(image)
+    if image.has_transparency_data:
+        rgba = image.convert("RGBA")
+        flat = Image.new("RGBA", rgba.size, (*background, 255))
+        return Image.alpha_composite(flat, rgba).convert("RGB")
+    return image.convert("RGB")
 
 
 def _pair(size: int | tuple[int, int] | list[int]) -> tuple[int, int]:
@@ -34,6 +67,7 @@ class SDXLPreprocess:
     ``resolution``: the target size, an int (square) or (height, width).
     ``center_crop``: centre crop; else a random crop drawn from the ``rng`` given to ``__call__``.
     ``random_flip``: horizontal flip with probability 1/2 (leave off when captions say left/right).
+    Any image mode is accepted (``to_rgb``: 16-bit scaled, transparency over ``BACKGROUND``).
     """
 
     resolution: int | tuple[int, int] = 1024
@@ -46,8 +80,7 @@ class SDXLPreprocess:
         """Return ``pixels`` float32 [3, H, W] in [-1, 1] and ``time_ids`` float32 [6]."""
         rng = rng or random.Random()
         image = ImageOps.exif_transpose(image)  # the original size is the size as displayed
-        if image.mode != "RGB":
-            image = image.convert("RGB")
+        image = to_rgb(image)
         orig_w, orig_h = image.size
         th, tw = _pair(self.resolution)
         scale = max(th / orig_h, tw / orig_w)  # smallest scale that covers the target

@@ -5,8 +5,15 @@ that order; rank r takes its B-slice [k W B + r B, k W B + (r + 1) B). So W rank
 exactly what one process with batch W B sees, in the same order (the module's randomness is sliced
 the same way). Lightning saves ``state_dict()`` of any loader that has one into the checkpoint and
 restores it on resume; the position is counted in the main process as batches are handed to the
-training loop (worker prefetching does not count). tests/test_train_cli.py checks resumed losses step
-by step against an uninterrupted run.
+training loop (worker prefetching does not count).
+
+The loader is one endless stream of global batches: epoch 0's, then epoch 1's, ... Each ``iter()``
+continues where the last one stopped (Lightning stops at ``len()`` batches and never exhausts an
+iterator; after a resume its idea of an epoch may be shorter than ours), and ``len()`` is what is left
+of the current epoch (a whole epoch when the current one is done). So batch k of the run is the same
+whether the run was resumed or not, at an epoch end or in the middle of one. tests/test_robustness.py
+checks 20+ resumed steps, loss by loss, against an uninterrupted run (resumed at an epoch end and
+mid-epoch).
 """
 
 from __future__ import annotations
@@ -15,6 +22,8 @@ from collections.abc import Iterator
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
+
+from tdd_lightning.data.workers import WorkerInit
 
 
 class GlobalBatchSampler(Sampler[int]):
@@ -45,29 +54,40 @@ class GlobalBatchSampler(Sampler[int]):
 
 
 class ResumableLoader(DataLoader):
-    """Loader over ``GlobalBatchSampler``; ``state_dict``/``load_state_dict`` give exact resume."""
+    """Loader over ``GlobalBatchSampler``; ``state_dict``/``load_state_dict`` give exact resume.
+
+    ``epoch`` and ``position`` (batches of that epoch handed out) are the stream's place; workers ignore
+    the job's signals (``WorkerInit``).
+    """
 
     def __init__(
         self, dataset: Dataset, batch_size: int, seed: int = 0, rank: int = 0, world_size: int = 1, **kwargs
     ):
         self.order = GlobalBatchSampler(len(dataset), batch_size, seed, rank, world_size)
+        kwargs["worker_init_fn"] = WorkerInit(rank, kwargs.get("worker_init_fn"))
         super().__init__(dataset, batch_size=batch_size, sampler=self.order, drop_last=True, **kwargs)
-        self._consumed = 0  # batches handed out in the current epoch (counting the resumed-from start)
+        self.epoch, self.position = 0, 0
+
+    def _next_epoch_if_done(self) -> None:
+        if self.position >= self.order.batches_per_epoch:
+            self.epoch, self.position = self.epoch + 1, 0
+
+    def __len__(self) -> int:
+        """Batches left in the current epoch (all of the next one if the current one is done)."""
+        left = self.order.batches_per_epoch - self.position
+        return left if left > 0 else self.order.batches_per_epoch
 
     def __iter__(self):
-        self._consumed = self.order.start_batch
+        self._next_epoch_if_done()
+        self.order.epoch, self.order.start_batch = self.epoch, self.position
         for batch in super().__iter__():
-            self._consumed += 1
+            self.position += 1
             yield batch
-        # epoch finished: the next one starts from its beginning with a new permutation
-        self.order.epoch += 1
-        self.order.start_batch = 0
-        self._consumed = 0
 
     def state_dict(self) -> dict:
         return {
-            "epoch": self.order.epoch,
-            "batches": self._consumed,
+            "epoch": self.epoch,
+            "batches": self.position,
             "batch_size": self.batch_size,
             "world_size": self.order.W,
         }
@@ -80,4 +100,4 @@ class ResumableLoader(DataLoader):
                 f"{was[0]} x {was[1]}, "
                 f"this one {self.batch_size} x {self.order.W}"
             )
-        self.order.epoch, self.order.start_batch = state["epoch"], state["batches"]
+        self.epoch, self.position = state["epoch"], state["batches"]

@@ -3,7 +3,8 @@
 A shard is a plain tar file; files that share a key (the name up to the first dot of its basename) form
 one sample, e.g. ``000017.png`` + ``000017.txt``. Reading is done here rather than with the webdataset
 pipeline so that every broken input is reported to one place (the caller's ``on_error``) and counted.
-Only the standard library is imported at module level, so the shapes generator stays fast to start.
+Only the standard library (and ``tdd_lightning.errors``) is imported at module level, so the shapes
+generator stays fast to start.
 """
 
 from __future__ import annotations
@@ -14,10 +15,16 @@ import os
 import tarfile
 from collections.abc import Callable, Iterator, Sequence
 
+from tdd_lightning.errors import UserError
+
 URL_SCHEMES = ("http://", "https://", "pipe:", "s3://", "gs://", "ais://", "hf://")
 
 # on_error(reason, url, message): called once per skipped sample (or unreadable shard)
 ErrorCallback = Callable[[str, str, str], None]
+
+
+class ShardNotFoundError(UserError, FileNotFoundError):
+    """A local shard that does not exist, or a pattern that matches none: reported in one line."""
 
 
 def is_url(spec: str) -> bool:
@@ -39,7 +46,7 @@ def expand_shards(spec: str | Sequence[str]) -> list[str]:
     """Brace-expand (``shard-{000000..000007}.tar``) and glob (``train/*.tar``) a shard spec.
 
     ``spec`` is one string or a list of strings; local paths become absolute, URLs are left as they are.
-    A glob that matches nothing raises ``FileNotFoundError`` naming the pattern.
+    A glob that matches nothing raises ``ShardNotFoundError`` (a ``FileNotFoundError``) naming the pattern.
     """
     from braceexpand import braceexpand
 
@@ -54,21 +61,21 @@ def expand_shards(spec: str | Sequence[str]) -> list[str]:
             if glob.has_magic(s):
                 matches = sorted(glob.glob(s))
                 if not matches:
-                    raise FileNotFoundError(f"no shard matches the pattern {s}")
+                    raise ShardNotFoundError(f"no shard matches the pattern {s}")
                 out.extend(matches)
             else:
                 out.append(s)
     if not out:
-        raise ValueError(f"the shard spec {spec!r} expands to no shard")
+        raise ShardNotFoundError(f"the shard spec {spec!r} expands to no shard")
     return out
 
 
 def check_shards_exist(shards: Sequence[str]) -> None:
-    """Raise ``FileNotFoundError`` naming the first missing local shard (URLs are not checked)."""
+    """Raise ``ShardNotFoundError`` naming the first missing local shard (URLs are not checked)."""
     missing = [s for s in shards if not is_url(s) and not os.path.isfile(s)]
     if missing:
         more = f" (and {len(missing) - 1} more of {len(shards)})" if len(missing) > 1 else ""
-        raise FileNotFoundError(f"shard not found: {missing[0]}{more}")
+        raise ShardNotFoundError(f"shard not found: {missing[0]}{more}")
 
 
 def open_shard(url: str):
