@@ -204,7 +204,13 @@ class GoodStates:
     def __init__(self, keep: int = 2):
         self.keep, self.states = keep, []
 
+    SHARDED = ("ModelParallelStrategy", "FSDPStrategy", "DeepSpeedStrategy")
+
     def take(self, trainer) -> None:
+        if type(trainer.strategy).__name__ in self.SHARDED:
+            # a sharded optimizer state dict is built by a collective that initialises empty optimizer
+            # state with a step (torch.distributed.checkpoint): not free, and not side-effect free
+            return
         state = trainer._checkpoint_connector.dump_checkpoint(weights_only=False)
         self.states = [*self.states, _to_cpu(state)][-self.keep :]
 

@@ -230,8 +230,9 @@ def test_synthetic_resume_matches_the_straight_run_for_20_steps(tiny_sdxl_dir, t
     os.environ["TDD_ROOT"] = str(tmp_path)
     common = [
         "experiment=smoke", f"model.pretrained={tiny_sdxl_dir}", "callbacks.sample_grid.prompts=[]",
-        "callbacks.lora_export=null", "trainer.log_every_n_steps=1", "data.num_samples=32",
-        "data.batch_size=4", "callbacks.model_checkpoint.every_n_train_steps=4", "trainer.max_steps=30",
+        "callbacks.lora_export=null", "callbacks.retention=null", "trainer.log_every_n_steps=1",
+        "data.num_samples=32", "data.batch_size=4", "callbacks.model_checkpoint.every_n_train_steps=4",
+        "trainer.max_steps=30",
     ]  # fmt: skip
     train(compose_cfg(common, tmp_path / "full"))
     full = losses(tmp_path / "full")
