@@ -11,7 +11,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from tdd_lightning.errors import ConfigError
+from tdd_lightning.errors import ConfigError, check, check_int, check_number
+from tdd_lightning.models.dtypes import DTYPES
 
 
 def _strict_fields(cls: type, values: Mapping[str, Any], prefix: str) -> dict[str, Any]:
@@ -42,6 +43,12 @@ class LoRAConfig:
     alpha: float | None = None
     target_modules: list[str] | None = None
     fused: bool = True
+
+    def __post_init__(self):
+        check_int("model.lora.rank", self.rank)
+        if self.alpha is not None:
+            check_number("model.lora.alpha", self.alpha, 0.0)
+            check(self.alpha > 0, "model.lora.alpha", self.alpha, "must be null or a number > 0")
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any]) -> LoRAConfig:
@@ -82,6 +89,10 @@ class ModelConfig:
     build_if_missing: bool = False
     builder: str | None = None
     lora: LoRAConfig = field(default_factory=LoRAConfig)
+
+    def __post_init__(self):
+        names = ", ".join(DTYPES)
+        check(self.base_dtype in DTYPES, "model.base_dtype", self.base_dtype, f"must be one of {names}")
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any]) -> ModelConfig:

@@ -11,9 +11,10 @@ from typing import Any
 
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from tdd_lightning.errors import ConfigError, UserError
+from tdd_lightning.models.config import ModelConfig
 from tdd_lightning.training.config_checks import check_node
 from tdd_lightning.training.validation import validate
 
@@ -44,6 +45,7 @@ def build_strategies(cfg: DictConfig) -> dict[str, Any]:
 
 
 def check_cheap(cfg: DictConfig) -> dict[str, Any]:
-    """Every knob's range and type and the strategies built; returns the strategies."""
+    """Every knob's range and type, the model config and the strategies built; returns the strategies."""
     validate(cfg)
+    ModelConfig.from_mapping(OmegaConf.to_container(cfg.model, resolve=True))
     return build_strategies(cfg)

@@ -11,7 +11,6 @@ from collections.abc import Callable
 from omegaconf import DictConfig, OmegaConf
 
 from tdd_lightning.errors import ConfigError
-from tdd_lightning.models.dtypes import DTYPES
 
 
 def integer(v) -> bool:
@@ -24,13 +23,11 @@ def number(v) -> bool:
 
 # key -> (test, allowed values in words), for the knobs of objects the project does not construct itself
 # (Lightning's Trainer, torch's optimizer) and of the data; every class of ours checks its own knobs when
-# built (strategies, TDDModule, the model config), and train() builds those before the model is touched.
+# built (strategies, TDDModule, ModelConfig, the callbacks), and train() builds those before the model is
+# touched.
 # A missing key is not checked.
 RULES: dict[str, tuple[Callable[[object], bool], str]] = {
     "seed": (lambda v: integer(v) and v >= 0, "an integer >= 0"),
-    "model.lora.rank": (lambda v: integer(v) and v >= 1, "an integer >= 1"),
-    "model.lora.alpha": (lambda v: v is None or (number(v) and v > 0), "null or a number > 0"),
-    "model.base_dtype": (lambda v: v in DTYPES, f"one of {', '.join(DTYPES)}"),
     "optimizer.lr": (lambda v: number(v) and v > 0, "a number > 0"),
     "optimizer.weight_decay": (lambda v: number(v) and v >= 0, "a number >= 0"),
     "data.batch_size": (lambda v: integer(v) and v >= 1, "an integer >= 1"),
