@@ -16,7 +16,9 @@ from tdd_lightning.models.roles import SDXL_LORA_TARGETS, LoRARoles
 
 @pytest.fixture(scope="module")
 def result(tiny_sdxl_dir, tmp_path_factory):
-    cfg = BenchConfig(pretrained=str(tiny_sdxl_dir), batch=4, rank=4, warmup=1, steps=4, naive_steps=1)
+    cfg = BenchConfig(
+        pretrained=str(tiny_sdxl_dir), batch=4, rank=4, warmup=1, steps=4, naive_steps=2, ablation=True
+    )
     return run_bench(cfg, tmp_path_factory.mktemp("bench"))
 
 
@@ -37,7 +39,7 @@ def test_floor_ratios_and_the_summary_line(result):
     assert result["floor_total_s"] == pytest.approx(statistics.median(floor_i))
     ratios = [s / f for s, f in zip(result["step_times_s"], floor_i, strict=True)]
     assert result["overhead_ratio"] == pytest.approx(statistics.median(ratios))
-    assert result["naive"]["steps"] == 1 and result["naive_ratio"] > 0
+    assert result["naive"]["steps"] == 2 and result["naive_ratio"] > 0
     assert 0 < result["lora_vs_bare"]["target"] < 10 and floor["bare fwd"] > 0
     assert result["flops"]["step"] > 0 and result["peak_rss_mib"] > 0
     text = format_report(result)
@@ -136,3 +138,89 @@ def test_cli_options_are_the_config_fields():
     )
     with pytest.raises(SystemExit):
         parse(["--lora", "other"])  # choices come from the field
+
+
+def test_naive_phases_and_ablation_are_reported(result):
+    from tdd_lightning.bench.floor import ABLATION, bf16_supported
+    from tdd_lightning.bench.naive import PHASES as NAIVE_PHASES
+    from tdd_lightning.bench.naive import SCRIPT_SPLIT_MS
+
+    phases = result["naive"]["phases_mean_s"]
+    assert tuple(phases) == NAIVE_PHASES
+    for k in SCRIPT_SPLIT_MS:  # every phase of the script's split is measured in the naive step
+        assert phases[k] > 0, k
+    # the phases partition the naive step (the rest is the timer's own calls and the role restore)
+    assert sum(phases.values()) <= result["naive"]["step_s"] * 1.2
+    abl = result["ablation"]
+    expected = set(ABLATION) if bf16_supported(torch.device("cpu")) else set(ABLATION[:2])
+    assert set(abl) == expected and all(v["n"] == result["steps"] and v["ratio"] > 0 for v in abl.values())
+    text = format_report(result)
+    assert re.search(r"  vae +363\.0 +[0-9.]+ +- *$", text, re.M)  # script | this run's baseline | ours
+    assert re.search(r"  peft low-rank +[0-9.]+ ms  [0-9.]+x  \(4 pairs\)", text)
+
+
+def _naive(tiny_sdxl_dir, tmp_path):
+    from tdd_lightning.bench.build import build
+    from tdd_lightning.bench.naive import NaiveTrainer
+    from tdd_lightning.models.encoder import SDXLEncoder
+
+    cfg = BenchConfig(pretrained=str(tiny_sdxl_dir), batch=2, rank=4, ema_decay=0.5)
+    built = build(cfg, tmp_path)
+    encoder = SDXLEncoder.from_pretrained(tiny_sdxl_dir)
+    return built.module, NaiveTrainer(built.module, encoder, 2, torch.device("cpu"))
+
+
+def test_naive_step_does_the_scripts_work(tiny_sdxl_dir, tmp_path):
+    """Four UNet forwards of B (student with grad, teacher cond + uncond without adapters, target through
+    the student's own adapter, no grad), no set_adapter, no EMA; the student's LoRA gets a step."""
+    module, naive = _naive(tiny_sdxl_dir, tmp_path)
+    roles, unet = module.roles, module.unet
+    layer = roles.layers[0]
+    seen = []
+
+    def hook(_, args, kwargs):
+        x = args[0] if args else kwargs["sample"]
+        seen.append(
+            (x.shape[0], torch.is_grad_enabled(), layer.disable_adapters, tuple(layer.active_adapters))
+        )
+
+    def no_set_adapter(*a, **k):
+        raise AssertionError("the script does not call set_adapter")
+
+    handle = unet.register_forward_pre_hook(hook, with_kwargs=True)
+    unet.set_adapter = no_set_adapter
+    target_before = [p.clone() for p in roles.target_params]
+    student_before = [p.clone() for p in roles.student_params]
+    naive.enter()
+    try:
+        loss = naive.step(record=True)
+    finally:
+        naive.exit()
+        handle.remove()
+        del unet.set_adapter
+    assert seen == [
+        (2, True, False, ("student",)),
+        (2, False, True, ("student",)),
+        (2, False, True, ("student",)),
+        (2, False, False, ("student",)),
+    ]
+    assert loss > 0 and len(naive.records) == 1 and naive.records[0]["toggles"] > 0
+    assert all(torch.equal(a, b) for a, b in zip(roles.target_params, target_before, strict=True))
+    assert any(not torch.equal(a, b) for a, b in zip(roles.student_params, student_before, strict=True))
+    assert all(p.requires_grad for p in roles.student_params)  # exit restores the module's roles
+    assert not any(p.requires_grad for p in roles.target_params) and roles.fused
+
+
+def test_sample_size_overrides_the_pretrained_folder(tiny_sdxl_dir, tmp_path):
+    from tdd_lightning.bench.build import build
+    from tdd_lightning.errors import ConfigError
+
+    folder = build(BenchConfig(pretrained=str(tiny_sdxl_dir), rank=4), tmp_path / "a")
+    assert folder.unet_config["sample_size"] == 8  # not given: the folder's
+    built = build(BenchConfig(pretrained=str(tiny_sdxl_dir), rank=4, sample_size=4, batch=2), tmp_path / "b")
+    assert built.unet_config["sample_size"] == 4 == built.module.unet.config.sample_size
+    assert next(iter(built.loader))["latents"].shape == (2, 4, 4, 4)
+    with pytest.raises(ConfigError, match="--sample-size"):
+        build(BenchConfig(pretrained=str(tiny_sdxl_dir), sample_size=0), tmp_path / "c")
+    with pytest.raises(ConfigError, match="--pretrained"):
+        build(BenchConfig(model="sdxl_arch", pretrained=str(tiny_sdxl_dir)), tmp_path / "d")

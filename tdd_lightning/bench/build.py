@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 CONF = Path(__file__).resolve().parents[2] / "conf"
+TINY_SAMPLE_SIZE, SDXL_SAMPLE_SIZE = 32, 128  # latent sides when --sample-size is not given (256, 1024 px)
 
 
 def option(default=None, help: str | None = None, **argparse_kwargs):
@@ -37,8 +38,11 @@ class BenchConfig:
         "fp32", "bf16: bf16 base weights + bf16 autocast, fp32 LoRA", choices=("fp32", "bf16")
     )
     batch: int = option(8)
-    sample_size: int = option(
-        32, "latent side (tiny 32 = 256 px, sdxl_arch 128)", by_model={"sdxl_arch": 128}
+    sample_size: int | None = option(
+        None,
+        "latent side (default: the --pretrained folder's, else tiny 32 = 256 px; sdxl_arch 128); "
+        "given with --pretrained it overrides the folder's UNet sample_size",
+        by_model={"sdxl_arch": 128},
     )
     channels: tuple[int, ...] = option((32, 64), "tiny UNet blocks (block_out_channels)")
     rank: int = option(8, "LoRA rank (tiny 8, sdxl_arch 64)", by_model={"sdxl_arch": 64})
@@ -48,7 +52,8 @@ class BenchConfig:
     )
     warmup: int = option(3)
     steps: int = option(12, "measured training steps")
-    naive_steps: int = option(6, "0: skip the naive mode")
+    naive_steps: int = option(6, "0: skip the naive mode (the diffusers script's work per step)")
+    ablation: bool = option(False, "also time student fwd+bwd variants: peft low-rank, channels_last, bf16")
     budget_s: float = option(150.0, "stop measuring early past this (0: never)")
     lora: str = option("fused", "LoRA forward: fused (merged-weight fp32) | peft", choices=("fused", "peft"))
     ema_decay: float = option(0.95)
@@ -100,7 +105,8 @@ def tiny_pipeline(cfg: BenchConfig, out_dir: Path) -> Path:
         return Path(cfg.pretrained)
     from tdd_lightning.models.tiny import TinySDXLConfig, build_tiny_sdxl
 
-    tiny = TinySDXLConfig.from_channels(cfg.channels, sample_size=cfg.sample_size, seed=cfg.seed)
+    side = TINY_SAMPLE_SIZE if cfg.sample_size is None else cfg.sample_size
+    tiny = TinySDXLConfig.from_channels(cfg.channels, sample_size=side, seed=cfg.seed)
     return build_tiny_sdxl(out_dir / "tiny-sdxl", tiny)
 
 
@@ -115,12 +121,22 @@ class Built:
     pretrained: Path | None  # folder with VAE + text encoders (naive mode), if any
 
 
+def check_config(cfg: BenchConfig) -> None:
+    """The one-line errors a run would otherwise hit late (ConfigError naming the option)."""
+    from tdd_lightning.errors import check, check_int
+
+    if cfg.sample_size is not None:
+        check_int("--sample-size", cfg.sample_size, minimum=1)
+    check(cfg.model == "tiny" or not cfg.pretrained, "--pretrained", cfg.pretrained, "only with --model tiny")
+
+
 def build(cfg: BenchConfig, out_dir: Path) -> Built:
     from tdd_lightning.data.resumable import ResumableLoader
     from tdd_lightning.data.synthetic import SyntheticLatents
     from tdd_lightning.models.tiny import SDXL_SCHEDULER
     from tdd_lightning.training.run import build_module
 
+    check_config(cfg)
     device = torch.device(cfg.device)
     dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
     if cfg.model == "sdxl_arch":
@@ -128,7 +144,8 @@ def build(cfg: BenchConfig, out_dir: Path) -> Built:
 
         pretrained = None
         composed = compose(cfg, str(out_dir / "sdxl-arch"), out_dir)
-        unet = sdxl_unet(cfg.sample_size, device=device, dtype=dtype, seed=cfg.seed)
+        side = SDXL_SAMPLE_SIZE if cfg.sample_size is None else cfg.sample_size
+        unet = sdxl_unet(side, device=device, dtype=dtype, seed=cfg.seed)
         scheduler_config, text = SDXL_SCHEDULER, text_dims()
         bare = None  # a second 2.6 B-parameter copy is not worth its memory: the teacher role stands in
     else:
@@ -139,6 +156,8 @@ def build(cfg: BenchConfig, out_dir: Path) -> Built:
         composed = compose(cfg, str(pretrained), out_dir)
         parts = load_sdxl_components(pretrained, dtype=dtype, load_vae=False, load_text_encoders=False)
         unet, scheduler_config, text = parts.unet, parts.noise_scheduler.config, text_dims(pretrained)
+        if cfg.sample_size is not None:  # honoured over the folder's (the UNet is size-agnostic)
+            unet.register_to_config(sample_size=cfg.sample_size)
         bare = copy.deepcopy(unet).to(device)
     if cfg.attention == "eager":
         from diffusers.models.attention_processor import AttnProcessor

@@ -3,10 +3,16 @@
 ALGORITHM.md section 2: one teacher forward of B + (B - dropped) samples (cond + uncond batched), one
 target forward of B and one student forward+backward of B. Also, for the LoRA-vs-bare ratio, forwards
 of the bare UNet (no LoRA layers) and of the student without gradients at batch B.
+
+With ``ablation`` it also times the student's forward+backward (the biggest pass) in variants that might
+lower the floor, each on the same inputs right after the default one: peft's low-rank LoRA path (its
+backward needs no weight-sized gradient), channels_last memory format (a copy of the UNet), and bf16
+autocast (a copy of the UNet; where the CPU has bf16). Their ratios to the default are medians of pairs.
 """
 
 from __future__ import annotations
 
+import copy
 import time
 from collections import defaultdict
 from collections.abc import Callable
@@ -19,6 +25,18 @@ from tdd_lightning.models.conditioning import unet_eps
 from tdd_lightning.models.roles import STUDENT, TARGET
 
 FLOOR = ("teacher fwd", "target fwd", "student fwd+bwd")
+ABLATION = (
+    "student fwd+bwd: peft low-rank",
+    "student fwd+bwd: channels_last",
+    "student fwd+bwd: bf16 autocast",
+)
+
+
+def bf16_supported(device: torch.device) -> bool:
+    """Whether bf16 autocast has fast kernels here (CUDA: the device says; CPU: oneDNN's check)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return device.type == "cpu" and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 class FloorPasses:
@@ -31,10 +49,13 @@ class FloorPasses:
         sync: Callable[[], None],
         clock: Callable[[], float] = time.perf_counter,
         seed: int = 0,
+        ablation: bool = False,
     ):
         self.module, self.bare, self.sync, self.clock, self.seed = module, bare, sync, clock, seed
         self.times: dict[str, list[float]] = defaultdict(list)
         self.inputs = None
+        self.ablation = ablation
+        self.copies: dict[str, torch.nn.Module] = {}
 
     def capture(self, batch: dict) -> None:
         """Inputs of batch B on the batch's device (values do not matter, shapes and dtypes do)."""
@@ -43,6 +64,11 @@ class FloorPasses:
         t = torch.randint(0, 1000, (x.shape[0],), generator=g).to(x.device)
         c = {k: batch[k] for k in ("prompt_embeds", "pooled_prompt_embeds", "time_ids")}
         self.inputs = (torch.randn(x.shape, generator=g).to(x.device), t, c)
+        if self.ablation:  # copies of the UNet as the student, for the variants that change the model
+            unet = self.module.unet
+            self.copies["channels_last"] = copy.deepcopy(unet).to(memory_format=torch.channels_last)
+            if bf16_supported(x.device):
+                self.copies["bf16 autocast"] = copy.deepcopy(unet)
 
     def batch_of(self, n: int):
         x, t, c = self.inputs
@@ -90,6 +116,40 @@ class FloorPasses:
         with context or nullcontext():
             for name, fn in passes.items():
                 self.times[name].append(time_call(fn, self.sync, self.clock))
+        if self.ablation:
+            self.run_ablation(x, t, c)
+
+    def run_ablation(self, x: torch.Tensor, t: torch.Tensor, c: dict) -> None:
+        """The student's forward+backward in each variant (module docstring), appended to ``times``."""
+        roles = self.module.roles
+
+        def fwd_bwd(unet, params, x=x, autocast=False):
+            def f():
+                with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=autocast):
+                    loss = unet_eps(unet, x, t, c).float().square().mean()
+                loss.backward()
+                for p in params:
+                    p.grad = None
+
+            return f
+
+        fused = roles.fused
+        roles.set_fused(False)
+        try:
+            with roles.role(STUDENT):
+                peft = time_call(fwd_bwd(roles.unet, roles.student_params), self.sync, self.clock)
+        finally:
+            roles.set_fused(fused)
+        self.times[ABLATION[0]].append(peft)
+        for name, label, kw in (
+            ("channels_last", ABLATION[1], {"x": x.contiguous(memory_format=torch.channels_last)}),
+            ("bf16 autocast", ABLATION[2], {"autocast": True}),
+        ):
+            unet = self.copies.get(name)
+            if unet is None:
+                continue
+            params = [p for p in unet.parameters() if p.requires_grad]
+            self.times[label].append(time_call(fwd_bwd(unet, params, **kw), self.sync, self.clock))
 
     @contextmanager
     def sync_phase(self, name: str):
@@ -98,3 +158,32 @@ class FloorPasses:
         yield
         self.sync()
         self.times[name].append(self.clock() - t0)
+
+
+def ablation_summary(times: dict[str, list[float]]) -> dict[str, dict[str, float]]:
+    """Per variant: its median seconds and the median of its ratios to the default pass timed just before."""
+    import statistics
+
+    base = times.get("student fwd+bwd", [])
+    out = {}
+    for name in ABLATION:
+        v = times.get(name)
+        if v:
+            ratios = [a / b for a, b in zip(v, base, strict=False)]
+            out[name] = {"s": statistics.median(v), "ratio": statistics.median(ratios), "n": len(v)}
+    return out
+
+
+def format_ablation(summary: dict[str, dict[str, float]], bf16: bool) -> list[str]:
+    """The ablation's lines for the report (ratios < 1: the variant is faster than the default)."""
+    lines = ["floor ablation: student fwd+bwd variants / the default (merged LoRA, contiguous, fp32), pairs:"]
+    for name in ABLATION:
+        r = summary.get(name)
+        if r is None:
+            why = "no bf16 on this device" if "bf16" in name and not bf16 else "not run"
+            lines.append(f"  {name.split(': ')[1]:16s} {why}")
+        else:
+            lines.append(
+                f"  {name.split(': ')[1]:16s} {1e3 * r['s']:8.1f} ms  {r['ratio']:.2f}x  ({r['n']} pairs)"
+            )
+    return lines

@@ -1,40 +1,92 @@
-"""The naive step: the same algorithm written the way the common LCM-LoRA scripts write it.
+"""The script baseline ("naive mode"): per step, the work of diffusers' ``train_lcm_distill_lora_sdxl.py``.
 
-Differences from TDDModule's step, each one a cost those scripts pay:
-- pixels and captions are encoded every step (VAE + both text encoders), no cached latents;
-- the teacher's conditional and unconditional branches are two forwards of B each (also for samples
-  whose caption was dropped, whose two branches are identical);
-- roles are switched with peft's own APIs (``set_adapter``, ``disable_adapters``/``enable_adapters``,
-  which also rewrite ``requires_grad`` on every LoRA tensor) and LoRA layers run peft's forward;
-- a plain training loop: ``clip_grad_norm_``, AdamW, an EMA as a Python loop over tensors, and the
-  loss read with ``.item()`` every step for logging.
+What that script does each step (examples/consistency_distillation, read phase by phase), and so this:
+- text: both CLIP text encoders on the batch's captions (no caption dropout in the step);
+- vae: ``vae.encode(pixels).latent_dist.sample()`` on the pixels (no latent cache);
+- student: one LoRA forward of B with gradients (peft's LoRA forward: the script has no merged path);
+- toggles: ``unet.disable_adapters()`` before the teacher and ``unet.enable_adapters()`` after it (peft
+  rewrites ``requires_grad`` on every LoRA tensor each time);
+- teacher: the conditional and the unconditional (zero embeddings) branches as two forwards of B, no grad;
+- target: one forward of B without gradients through the *student's own* adapter (the script has no
+  separate target network and no EMA), i.e. the online-student target;
+- backward, ``clip_grad_norm_``, AdamW, an lr scheduler step, ``zero_grad(set_to_none=True)``, and the
+  loss read with ``.item()`` for logging.
+Until issue 19 this mode also switched a second (EMA target) adapter with ``set_adapter`` twice per step
+and ran a Python-loop EMA: work the script does not do. The numbers it computes are not TDDModule's (its
+target is the online student), only its cost is the script's.
 """
 
 from __future__ import annotations
 
+import statistics
+import time
+from collections.abc import Callable
 from contextlib import nullcontext
 
 import torch
 
+from tdd_lightning.bench.timing import PhaseTimer
 from tdd_lightning.diffusion import add_noise, append_dims, cfg_combine, ddim_jump
-from tdd_lightning.models.conditioning import replace_where, square_time_ids, unet_eps
-from tdd_lightning.models.roles import STUDENT, TARGET
+from tdd_lightning.models.conditioning import square_time_ids, unet_eps
+from tdd_lightning.models.roles import STUDENT
+
+# The script's own split, ms per step (issue 19: tiny UNet, 172,288 LoRA params, batch 8, 256 px, fp32,
+# 2 threads, this machine; the script at diffusers commit 58eb52c, unedited; 916 ms/step end to end).
+SCRIPT_SPLIT_MS = {
+    "text": 9.0,
+    "vae": 363.0,
+    "student fwd": 123.0,
+    "toggles": 10.0,
+    "teacher fwd": 164.0,
+    "target fwd": 129.0,
+    "student bwd": 169.0,
+}
+SCRIPT_STEP_MS = 916.0
+PHASES = (
+    "data",
+    "text",
+    "vae",
+    "student fwd",
+    "toggles",
+    "teacher fwd",
+    "target fwd",
+    "step maths",
+    "student bwd",
+    "optimizer",
+    "logging",
+)
 
 
 class NaiveTrainer:
-    """Runs naive steps on the module's UNet and adapters (restores the module's role state after)."""
+    """Runs script-baseline steps on the module's UNet and student adapter (``exit`` restores the roles).
 
-    def __init__(self, module, encoder, batch_size: int, device: torch.device, num_samples: int = 32, seed=0):
+    ``records``: one dict of phase seconds per timed step (``step(..., record=True)``).
+    """
+
+    def __init__(
+        self,
+        module,
+        encoder,
+        batch_size: int,
+        device: torch.device,
+        num_samples: int = 32,
+        seed: int = 0,
+        sync: Callable[[], None] | None = None,
+        clock: Callable[[], float] = time.perf_counter,
+    ):
         self.m, self.encoder, self.B, self.device = module, encoder, batch_size, device
         roles = module.roles
         self.fused_before = roles.fused
         self.params = roles.student_params
         self.optimizer = module.optimizer_factory(params=self.params)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda _: 1.0)
         g = torch.Generator().manual_seed(seed)
         side = 8 * module.unet.config.sample_size
         self.pixels = (torch.rand(num_samples, 3, side, side, generator=g) * 2 - 1).to(device)
         self.captions = [f"synthetic sample {i}" for i in range(num_samples)]
         self.time_ids = square_time_ids(side, batch_size, device)
+        self.timer = PhaseTimer(sync, clock)
+        self.records: list[dict[str, float]] = []
         self.i = 0
 
     def batch(self):
@@ -43,59 +95,74 @@ class NaiveTrainer:
         self.i += 1
         return self.pixels[idx], [self.captions[k] for k in idx], self.time_ids
 
-    def step(self, context=None) -> float:
-        m, unet, B, device = self.m, self.m.unet, self.B, self.device
+    def step(self, context=None, record: bool = False) -> float:
+        """One step; with ``record`` its phase times are appended to ``records``. Returns the loss."""
+        m, unet, B, device, timer = self.m, self.m.unet, self.B, self.device, self.timer
         ts, schedule = m.target_selection, m.schedule
+        timer.take()
+        timer.armed = record
         g = torch.Generator(device=device).manual_seed(1000 + self.i)
-        pixels, captions, time_ids = self.batch()
+        with timer("data"):
+            pixels, captions, time_ids = self.batch()
         with context or nullcontext():
-            # 1. encode every step
-            with torch.no_grad():
-                x0 = self.encoder.encode_images(pixels, sample=True, generator=g)
+            with timer("text"):
                 prompt_embeds, pooled = self.encoder.encode_text(captions)
-            c = {"prompt_embeds": prompt_embeds, "pooled_prompt_embeds": pooled, "time_ids": time_ids}
-            u = {
-                **c,
-                "prompt_embeds": torch.zeros_like(prompt_embeds),
-                "pooled_prompt_embeds": torch.zeros_like(pooled),
-            }
-            draw = m.guidance.draw(B, g, device)
-            c = replace_where(draw.drop, c, u)
-            t, t_prev = ts.sample_times(B, g, device)
-            eps = torch.randn(x0.shape, generator=g, device=device)
-            a_t, sigma_t = schedule.a_sigma(t, x0)
-            x_t = add_noise(x0, eps, a_t, sigma_t)
-            s = ts.select(t_prev, g)
-            # student
-            unet.set_adapter(STUDENT)
-            pred = ts.consistency(x_t, unet_eps(unet, x_t, t, c).float(), t, s, schedule)
-            with torch.no_grad():
-                # teacher: adapters off, cond and uncond as two forwards
+            with timer("vae"):
+                x0 = self.encoder.encode_images(pixels, sample=True, generator=g)
+            with timer("step maths"):
+                c = {"prompt_embeds": prompt_embeds, "pooled_prompt_embeds": pooled, "time_ids": time_ids}
+                zeros = {
+                    "prompt_embeds": torch.zeros_like(prompt_embeds),
+                    "pooled_prompt_embeds": torch.zeros_like(pooled),
+                }
+                u = {**c, **zeros}
+                w = m.guidance.draw(B, g, device).w
+                t, t_prev = ts.sample_times(B, g, device)
+                eps = torch.randn(x0.shape, generator=g, device=device)
+                a_t, sigma_t = schedule.a_sigma(t, x0)
+                x_t = add_noise(x0, eps, a_t, sigma_t)
+                s = ts.select(t_prev, g)
+            with timer("student fwd"):
+                eps_s = unet_eps(unet, x_t, t, c)
+            with timer("step maths"):
+                pred = ts.consistency(x_t, eps_s.float(), t, s, schedule)
+            with timer("toggles"):
                 unet.disable_adapters()
-                eps_c = unet_eps(unet, x_t, t, c).float()
-                eps_u = unet_eps(unet, x_t, t, u).float()
-                unet.enable_adapters()
-                eps_teacher = cfg_combine(eps_c, eps_u, append_dims(draw.w, eps_c.ndim))
-                a_tp, sigma_tp = schedule.a_sigma(t_prev, x0)
-                x_tp = ddim_jump(x_t, eps_teacher, a_t, sigma_t, a_tp, sigma_tp)
-                # target
-                unet.set_adapter(TARGET)
-                target = ts.consistency(x_tp, unet_eps(unet, x_tp, t_prev, c).float(), t_prev, s, schedule)
-                unet.set_adapter(STUDENT)  # peft: the student trainable again, the target frozen
-            loss = m.distill_loss(pred, target)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.params, 1.0)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        with torch.no_grad():
-            d = m.ema_decay
-            for tp, sp in zip(m.roles.target_params, self.params, strict=True):
-                tp.mul_(d).add_(sp, alpha=1.0 - d)
-        return loss.item()
+            with torch.no_grad():
+                with timer("teacher fwd"):
+                    eps_c = unet_eps(unet, x_t, t, c).float()
+                    eps_u = unet_eps(unet, x_t, t, u).float()
+                with timer("toggles"):
+                    unet.enable_adapters()
+                with timer("step maths"):
+                    eps_teacher = cfg_combine(eps_c, eps_u, append_dims(w, eps_c.ndim))
+                    a_tp, sigma_tp = schedule.a_sigma(t_prev, x0)
+                    x_tp = ddim_jump(x_t, eps_teacher, a_t, sigma_t, a_tp, sigma_tp)
+                with timer("target fwd"):  # the student's own adapter: the script has no target network
+                    eps_target = unet_eps(unet, x_tp, t_prev, c)
+                with timer("step maths"):
+                    target = ts.consistency(x_tp, eps_target.float(), t_prev, s, schedule)
+            with timer("step maths"):
+                loss = m.distill_loss(pred, target)
+        with timer("student bwd"):
+            loss.backward()
+        with timer("optimizer"):
+            torch.nn.utils.clip_grad_norm_(self.params, 1.0)
+            self.optimizer.step()
+            self.scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        with timer("logging"):
+            value = loss.detach().item()
+        if record:
+            self.records.append(timer.take())
+        timer.armed = False
+        return value
 
     def enter(self) -> None:
-        """peft's own LoRA forward for the naive steps (call ``exit`` before the module trains again)."""
-        self.m.roles.set_fused(False)
+        """peft's own LoRA forward, the student active (call ``exit`` before the module trains again)."""
+        roles = self.m.roles
+        roles.set_fused(False)
+        roles.use(STUDENT)
 
     def exit(self) -> None:
         """Back to the module's own role handling."""
@@ -106,3 +173,45 @@ class NaiveTrainer:
             p.requires_grad_(True)
         for p in roles.target_params:
             p.requires_grad_(False)
+
+
+def phase_means(records: list[dict[str, float]]) -> dict[str, float]:
+    """Mean seconds per phase over the recorded steps (0 for a phase a step did not enter)."""
+    if not records:
+        return {}
+    return {k: statistics.fmean(r.get(k, 0.0) for r in records) for k in PHASES}
+
+
+# our step's phases that do the same job as the script's (data: ours reads cached latents + embeddings)
+OURS_FOR = {
+    "data": ("data",),
+    "student fwd": ("student fwd",),
+    "teacher fwd": ("teacher fwd",),
+    "target fwd": ("target fwd",),
+    "step maths": ("step maths", "ema"),
+    "student bwd": ("student bwd",),
+    "optimizer": ("optimizer",),
+    "logging": ("logging", "other"),
+}
+
+
+def format_phase_table(naive: dict, ours_phases: dict[str, float], ours_step: float) -> list[str]:
+    """Lines: each phase of the script baseline (this run), the script's own split and our step's."""
+
+    def ms(v: float | None) -> str:
+        return f"{'-':>8s}" if v is None else f"{1e3 * v:8.1f}"
+
+    p = naive["phases_mean_s"]
+    lines = [
+        "phase by phase (ms/step): script = diffusers train_lcm_distill_lora_sdxl.py's own split "
+        "(issue 19, fixed figures);",
+        "  baseline = the naive mode doing the script's work, and ours, both measured in this run",
+        f"  {'phase':14s} {'script':>8s} {'baseline':>8s} {'ours':>8s}",
+    ]
+    for k in PHASES:
+        script = SCRIPT_SPLIT_MS.get(k)
+        ours = sum(ours_phases.get(o, 0.0) for o in OURS_FOR.get(k, ())) if k in OURS_FOR else None
+        lines.append(f"  {k:14s} {ms(None if script is None else script / 1e3)} {ms(p.get(k))} {ms(ours)}")
+    total = sum(p.values())
+    lines.append(f"  {'step':14s} {ms(SCRIPT_STEP_MS / 1e3)} {ms(total)} {ms(ours_step)}")
+    return lines

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import torch
+
 from tdd_lightning.bench.floor import FLOOR
 from tdd_lightning.bench.runner import PHASES
 
@@ -59,6 +61,10 @@ def format_report(r: dict) -> str:
         f"  student fwd with grad {_ms(f.get('student fwd (grad)')).strip()} ms, "
         f"student bwd {_ms(f.get('student bwd')).strip()} ms",
     ]
+    if r.get("ablation") is not None:
+        from tdd_lightning.bench.floor import bf16_supported, format_ablation
+
+        lines += format_ablation(r["ablation"], bf16_supported(torch.device(c["device"])))
     n = r["naive"]
     if n:
         lines.append(
@@ -67,6 +73,10 @@ def format_report(r: dict) -> str:
             f"ours / naive = {_x(r['naive_ratio'])} samples/s (target >= {TARGETS['naive']}; "
             f"median of {n['steps']} pairs)"
         )
+        if n.get("phases_mean_s"):
+            from tdd_lightning.bench.naive import format_phase_table
+
+            lines += format_phase_table(n, r["phases_mean_s"], r["step_mean_s"])
     elif c["naive_steps"] == 0:
         lines.append("naive mode: not run (--naive-steps 0)")
     else:

@@ -13,13 +13,13 @@ import statistics
 import tempfile
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from tdd_lightning.bench.build import BenchConfig, build
-from tdd_lightning.bench.floor import FLOOR, FloorPasses
+from tdd_lightning.bench.floor import FLOOR, FloorPasses, ablation_summary
 from tdd_lightning.bench.timing import (
     CLOCKS,
     PhaseTimer,
@@ -108,6 +108,7 @@ class Measured:
     floor_times: dict[str, list[float]]
     naive_times: list[float]
     cuda_peak_gib: float | None
+    naive_records: list[dict] = field(default_factory=list)  # the naive steps' phase seconds
 
 
 def _run(cfg: BenchConfig, out_dir: Path) -> dict:
@@ -123,7 +124,9 @@ def _run(cfg: BenchConfig, out_dir: Path) -> dict:
         syncs = _sync_debug_step(built.loader, measured.trainer, module)
 
     stats = aggregate(measured.records, measured.floor_times, module.bench_teacher_batches)
-    naive_stats = naive_summary(measured.naive_times, stats["step_times_s"], cfg.batch)
+    naive_stats = naive_summary(
+        measured.naive_times, stats["step_times_s"], cfg.batch, measured.naive_records
+    )
     return {
         "config": {k: v for k, v in vars(cfg).items() if k != "overrides"},
         "machine": machine(device, cfg.threads),
@@ -135,6 +138,7 @@ def _run(cfg: BenchConfig, out_dir: Path) -> dict:
         if built.bare is not None
         else "the teacher role (adapters off)",
         "naive": naive_stats,
+        "ablation": ablation_summary(measured.floor_times) if cfg.ablation else None,
         "naive_ratio": naive_stats["ratio"] if naive_stats else None,
         "flops": flop_summary(cfg, built, stats, device),
         "peak_rss_mib": rss_peak_mib(),
@@ -155,7 +159,7 @@ def _fit(cfg: BenchConfig, built, out_dir: Path, device: torch.device, t_start: 
     sync = cuda_sync(device)
     clock = CLOCKS[cfg.clock]
     timer = PhaseTimer(sync, clock)
-    floor = FloorPasses(module, built.bare, sync, clock, seed=cfg.seed)
+    floor = FloorPasses(module, built.bare, sync, clock, seed=cfg.seed, ablation=cfg.ablation)
     handles = instrument(module, timer)
 
     naive, naive_times = None, []
@@ -165,13 +169,13 @@ def _fit(cfg: BenchConfig, built, out_dir: Path, device: torch.device, t_start: 
         batch = next(iter(built.loader))
         floor.capture({k: v.to(module.device) if torch.is_tensor(v) else v for k, v in batch.items()})
         if cfg.naive_steps > 0 and built.pretrained is not None:
-            naive = make_naive(cfg, module, built.pretrained, device)
+            naive = make_naive(cfg, module, built.pretrained, device, sync, clock)
             run_naive(naive, trainer)
 
     def between(trainer) -> None:  # after each measured step: the floor passes, then a naive step
         floor.run(module.bench_teacher_batches[-1], trainer.precision_plugin.forward_context())
         if naive is not None and len(naive_times) < cfg.naive_steps:
-            naive_times.append(run_naive(naive, trainer, sync, clock))
+            naive_times.append(run_naive(naive, trainer, sync, clock, record=True))
 
     budget = cfg.budget_s or float("inf")
     profiler = StepProfiler(timer, cfg.warmup, between, deadline=t_start + 0.8 * budget, on_arm=on_arm)
@@ -194,17 +198,24 @@ def _fit(cfg: BenchConfig, built, out_dir: Path, device: torch.device, t_start: 
     for h in handles:
         h.remove()
     cuda_peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
-    return Measured(trainer, profiler.records, floor.times, naive_times, cuda_peak)
+    naive_records = naive.records if naive is not None else []
+    return Measured(trainer, profiler.records, floor.times, naive_times, cuda_peak, naive_records)
 
 
-def naive_summary(naive_times: list[float], step_times: list[float], batch: int) -> dict | None:
-    """The naive mode against our steps: each naive step paired with the measured step it followed."""
+def naive_summary(
+    naive_times: list[float], step_times: list[float], batch: int, records: list[dict] | None = None
+) -> dict | None:
+    """The naive mode against our steps: each naive step paired with the measured step it followed;
+    ``records``: its steps' phase seconds (their means go into ``phases_mean_s``)."""
     if not naive_times:
         return None
+    from tdd_lightning.bench.naive import phase_means
+
     paired = [n / s for n, s in zip(naive_times, step_times, strict=False)]
     out = {"step_s": median(naive_times), "steps": len(naive_times), "ratio": median(paired)}
     out["ours_same_steps_s"] = median(step_times[: len(naive_times)])
     out["samples_per_s"] = batch / out["step_s"]
+    out["phases_mean_s"] = phase_means(records or [])
     return out
 
 
@@ -263,19 +274,21 @@ def aggregate(records: list[dict], floor_times: dict[str, list[float]], teacher_
     }
 
 
-def make_naive(cfg: BenchConfig, module, pretrained: Path, device):
+def make_naive(cfg: BenchConfig, module, pretrained: Path, device, sync=None, clock=time.perf_counter):
     from tdd_lightning.bench.naive import NaiveTrainer
     from tdd_lightning.models.encoder import SDXLEncoder
 
     encoder = SDXLEncoder.from_pretrained(pretrained).to(device)
-    return NaiveTrainer(module, encoder, cfg.batch, device, seed=cfg.seed)
+    return NaiveTrainer(module, encoder, cfg.batch, device, seed=cfg.seed, sync=sync, clock=clock)
 
 
-def run_naive(naive, trainer, sync=lambda: None, clock=time.perf_counter) -> float:
-    """One naive step (in the trainer's precision context), timed; the module's state restored after."""
+def run_naive(naive, trainer, sync=lambda: None, clock=time.perf_counter, record: bool = False) -> float:
+    """One naive step (in the trainer's precision context), timed (``record``: and its phases); the
+    module's state restored after."""
     naive.enter()
     try:
-        return time_call(lambda: naive.step(trainer.precision_plugin.forward_context()), sync, clock)
+        context = trainer.precision_plugin.forward_context()
+        return time_call(lambda: naive.step(context, record=record), sync, clock)
     finally:
         naive.exit()
 
