@@ -89,3 +89,14 @@ notebooks: $(STAMP) ## execute notebooks/*.ipynb headless (nbclient); executed c
 .PHONY: bench
 bench: $(STAMP) ## training-step benchmark: phases, compute floor, naive baseline (tiny model, CPU, < 3 min)
 	$(PY) -m tdd_lightning.bench $(ARGS)
+
+# The prepared GPU check (issue 19; docs/performance.md "Device check"). No .venv needed: a lent GPU
+# machine starts bare, so these run with .venv's python where there is one, else python3.
+DEVICE      ?= cuda
+DEVICE_PY   ?= $(if $(wildcard $(PY)),$(PY),python3)
+.PHONY: device-check device-wheels
+device-check: ## GPU check (install, pytest -m gpu, SDXL bench, toy) -> logs/device-check/; DEVICE=cpu: rehearsal
+	$(DEVICE_PY) -m tdd_lightning.bench.device_check --device $(DEVICE) $(ARGS)
+
+device-wheels: ## download the wheels the GPU image lacks (Python 3.12) into .device-wheels/, dry-install them
+	$(DEVICE_PY) -m tdd_lightning.bench.device_wheels $(ARGS)
