@@ -15,7 +15,7 @@ from tdd_lightning.data.ranks import rank_and_world
 from tdd_lightning.diffusion import NoiseSchedule, add_noise, cfg_combine, ddim_jump, k_step_schedule
 from tdd_lightning.diffusion.ops import append_dims
 from tdd_lightning.diffusion.sampling import guided, tdd_sample
-from tdd_lightning.errors import UserError, check, check_int, check_number
+from tdd_lightning.errors import UserError, check_int, check_number
 from tdd_lightning.models.conditioning import (
     condition_from_batch,
     replace_where,
@@ -76,14 +76,8 @@ class TDDModule(L.LightningModule):
     ):
         super().__init__()
         self.model_config = ModelConfig.coerce(model)
-        check(
-            isinstance(ema_decay, (int, float)) and 0.0 <= ema_decay <= 1.0,
-            "ema_decay", ema_decay, "must be a number in [0, 1]",
-        )  # fmt: skip
-        check(
-            isinstance(max_nonfinite_steps, int) and max_nonfinite_steps >= 1,
-            "max_nonfinite_steps", max_nonfinite_steps, "must be an integer >= 1",
-        )  # fmt: skip
+        check_number("ema_decay", ema_decay, 0.0, 1.0)
+        check_int("max_nonfinite_steps", max_nonfinite_steps)
         check_number("max_nonfinite_fraction", max_nonfinite_fraction, 0.0, 1.0)
         check_int("snapshot_every", snapshot_every)
         ema_decay, seed, max_nonfinite_steps = float(ema_decay), int(seed), int(max_nonfinite_steps)

@@ -19,6 +19,7 @@ import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
+from tdd_lightning.checkpoint_io import pid_alive
 from tdd_lightning.data.shards import is_url
 from tdd_lightning.errors import UserError
 
@@ -68,16 +69,6 @@ def check_output_folder(shards: Sequence[str], out_dir: str | os.PathLike, overw
     return out
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process
-        return True
-    return True
-
-
 def clean_leftovers(out: Path) -> None:
     """Remove partial folders of killed runs; put back a cache a killed run had moved aside."""
     for p in _leftovers(out, PARTIAL):
@@ -94,7 +85,7 @@ def _leftovers(out: Path, kind: str) -> list[Path]:
     found = []
     for p in out.parent.glob(f".{glob.escape(out.name)}.{kind}-*"):
         pid = p.name.rsplit("-", 1)[-1]
-        if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
+        if pid.isdigit() and int(pid) != os.getpid() and not pid_alive(int(pid)):
             found.append(p)
     return sorted(found)
 
