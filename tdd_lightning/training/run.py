@@ -120,10 +120,12 @@ def resolve_ckpt_path(cfg: DictConfig) -> str | None:
 
 @dataclass
 class Prepared:
-    """What the cheap checks built: the module (its UNet not yet loaded) and the callbacks."""
+    """What the cheap checks built: the module (its UNet not yet loaded), the callbacks, and the checkpoint
+    to resume (checked readable; None: a fresh start)."""
 
     module: TDDModule
     callbacks: list[L.Callback]
+    ckpt_path: str | None
 
 
 def build_callbacks(cfg: DictConfig) -> list[L.Callback]:
@@ -148,7 +150,7 @@ def check_config(cfg: DictConfig) -> Prepared:
             raise UserError(f"ckpt_path: {e}") from None
     elif is_rank_zero():
         refuse_fresh_run_over_checkpoints(cfg.paths.output_dir)
-    return Prepared(module, callbacks)
+    return Prepared(module, callbacks, ckpt_path)
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
@@ -160,7 +162,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
 
 def fit(cfg: DictConfig, prepared: Prepared) -> dict[str, float]:
-    """Locate the model, build data, callbacks, loggers and the trainer; fit; write metrics.json."""
+    """Locate the model, build data, loggers and the trainer; fit what ``prepared`` holds; metrics.json."""
     L.seed_everything(cfg.seed, workers=True)
     # only then the model (located, or built when asked for) and the data
     prepare_model(cfg.model, owned=[cfg.paths.get("artifacts_dir"), cfg.paths.get("log_dir")])
@@ -174,7 +176,7 @@ def fit(cfg: DictConfig, prepared: Prepared) -> dict[str, float]:
     for logger in loggers:
         logger.log_hyperparams(resolved)
 
-    trainer.fit(module, datamodule=datamodule, ckpt_path=resolve_ckpt_path(cfg))
+    trainer.fit(module, datamodule=datamodule, ckpt_path=prepared.ckpt_path)
 
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
     metrics["global_step"] = trainer.global_step
