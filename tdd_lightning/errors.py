@@ -6,6 +6,7 @@ Every entry point (train.py, sample.py, ``python -m tdd_lightning.*``) prints a 
 
 from __future__ import annotations
 
+import math
 import sys
 from collections.abc import Callable
 from typing import TypeVar
@@ -38,30 +39,34 @@ def check(ok: bool, key: str, value, allowed: str) -> None:
         raise ConfigError(key, value, allowed)
 
 
-def _is_int(v) -> bool:
+def is_int(v) -> bool:
+    """An integer (not a bool, not a float with an integral value)."""
     return isinstance(v, int) and not isinstance(v, bool)
+
+
+def is_number(v, finite: bool = False) -> bool:
+    """An int or float (not a bool); with ``finite``, neither inf nor nan."""
+    ok = isinstance(v, (int, float)) and not isinstance(v, bool)
+    return ok and (not finite or math.isfinite(v))
 
 
 def check_int(key: str, value, minimum: int = 1) -> int:
     """An integer >= minimum (not a float, not a bool), or ConfigError naming ``key``."""
-    check(_is_int(value) and value >= minimum, key, value, f"must be an integer >= {minimum}")
+    check(is_int(value) and value >= minimum, key, value, f"must be an integer >= {minimum}")
     return value
 
 
 def check_ints(key: str, values, minimum: int = 1) -> list[int]:
     """A non-empty list of integers >= minimum."""
     items = [values] if isinstance(values, (str, bytes)) or not hasattr(values, "__iter__") else list(values)
-    ok = bool(items) and all(_is_int(v) and v >= minimum for v in items)
+    ok = bool(items) and all(is_int(v) and v >= minimum for v in items)
     check(ok, key, values, f"must be a non-empty list of integers >= {minimum}")
     return items
 
 
 def check_number(key: str, value, low: float | None = None, high: float | None = None) -> float:
     """A finite number in [low, high] (either bound may be open-ended), or ConfigError naming ``key``."""
-    import math
-
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    ok = ok and (low is None or value >= low) and (high is None or value <= high)
+    ok = is_number(value, finite=True) and (low is None or value >= low) and (high is None or value <= high)
     words = {(True, True): f"in [{low}, {high}]", (True, False): f">= {low}", (False, True): f"<= {high}"}
     bounds = words.get((low is not None, high is not None), "")
     check(ok, key, value, f"must be a finite number {bounds}".rstrip())

@@ -8,31 +8,21 @@ checked before anything is loaded: a bad one is one line naming the key.
 
 import json
 import logging
-import math
 from pathlib import Path
-from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from tdd_lightning.errors import ConfigError, UserError, check
+from tdd_lightning.errors import ConfigError, UserError, check, is_int, is_number
 from tdd_lightning.models.dtypes import DTYPES
 
 log = logging.getLogger("sample")
 
 
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _is_number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
 # option -> (what each value must satisfy, the rule in words); a list of values makes grid columns
 GRID_OPTIONS = {
-    "steps": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
-    "eta": (lambda v: _is_number(v) and 0.0 <= v <= 1.0, "a number in [0, 1]"),
-    "guidance_scale": (lambda v: _is_number(v) and v >= 0.0, "a number >= 0 (1: no CFG)"),
+    "steps": (lambda v: is_int(v) and v >= 1, "an integer >= 1"),
+    "eta": (lambda v: is_number(v, finite=True) and 0.0 <= v <= 1.0, "a number in [0, 1]"),
+    "guidance_scale": (lambda v: is_number(v, finite=True) and v >= 0.0, "a number >= 0 (1: no CFG)"),
 }
 
 
@@ -46,13 +36,13 @@ def check_options(cfg: DictConfig) -> None:
         values = value if isinstance(value, list) else [value]
         valid = bool(values) and all(ok(v) for v in values)
         check(valid, key, value, f"must be null, {rule} or a list of them")
-    check(_is_int(cfg.batch) and cfg.batch >= 1, "batch", cfg.batch, "must be an integer >= 1")
-    check(_is_int(cfg.seed), "seed", cfg.seed, "must be an integer")
-    check(_is_number(cfg.lora_scale), "lora_scale", cfg.lora_scale, "must be a finite number")
-    check(_is_int(cfg.cell) and cfg.cell >= 1, "cell", cfg.cell, "must be an integer >= 1 (pixels)")
+    check(is_int(cfg.batch) and cfg.batch >= 1, "batch", cfg.batch, "must be an integer >= 1")
+    check(is_int(cfg.seed), "seed", cfg.seed, "must be an integer")
+    check(is_number(cfg.lora_scale, finite=True), "lora_scale", cfg.lora_scale, "must be a finite number")
+    check(is_int(cfg.cell) and cfg.cell >= 1, "cell", cfg.cell, "must be an integer >= 1 (pixels)")
     for key in ("height", "width"):
         value = cfg[key]
-        ok = value is None or (_is_int(value) and value >= 8 and value % 8 == 0)
+        ok = value is None or (is_int(value) and value >= 8 and value % 8 == 0)
         check(ok, key, value, "must be null or a positive multiple of 8 (pixels)")
     if cfg.dtype != "auto" and cfg.dtype not in DTYPES:
         raise ConfigError("dtype", cfg.dtype, f"choose auto, {', '.join(DTYPES)}")

@@ -23,16 +23,13 @@ from pathlib import Path
 import torch
 
 from tdd_lightning.checkpoint_io import atomic_write, remove_stale_temp_files
+from tdd_lightning.errors import is_number
 
 CELL_METRICS = ("prompt_acc", "fd", "agree")  # a cached teacher cell holds at least these numbers
 
 
 class CacheWarning(UserWarning):
     """A cache file was unusable and is recomputed."""
-
-
-def _is_number(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
 class TeacherCache:
@@ -61,8 +58,8 @@ class TeacherCache:
             payload = payload.get("cell")
         if not isinstance(payload, Mapping):
             return self._discard(path, "not a metrics record")
-        missing = [m for m in CELL_METRICS if not _is_number(payload.get(m))]
-        if missing or not all(_is_number(v) for v in payload.values()):
+        missing = [m for m in CELL_METRICS if not is_number(payload.get(m))]
+        if missing or not all(is_number(v) for v in payload.values()):
             return self._discard(path, f"bad or missing metrics {missing or sorted(payload)}")
         return dict(payload)
 

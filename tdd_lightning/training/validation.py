@@ -10,16 +10,7 @@ from collections.abc import Callable
 
 from omegaconf import DictConfig, OmegaConf
 
-from tdd_lightning.errors import ConfigError
-
-
-def integer(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def number(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
-
+from tdd_lightning.errors import ConfigError, is_int, is_number
 
 # key -> (test, allowed values in words), for the knobs of objects the project does not construct itself
 # (Lightning's Trainer, torch's optimizer) and of the data; every class of ours checks its own knobs when
@@ -27,21 +18,21 @@ def number(v) -> bool:
 # touched.
 # A missing key is not checked.
 RULES: dict[str, tuple[Callable[[object], bool], str]] = {
-    "seed": (lambda v: integer(v) and v >= 0, "an integer >= 0"),
-    "optimizer.lr": (lambda v: number(v) and v > 0, "a number > 0"),
-    "optimizer.weight_decay": (lambda v: number(v) and v >= 0, "a number >= 0"),
-    "data.batch_size": (lambda v: integer(v) and v >= 1, "an integer >= 1"),
-    "data.num_workers": (lambda v: integer(v) and v >= 0, "an integer >= 0"),
-    "data.num_samples": (lambda v: integer(v) and v >= 1, "an integer >= 1"),
+    "seed": (lambda v: is_int(v) and v >= 0, "an integer >= 0"),
+    "optimizer.lr": (lambda v: is_number(v) and v > 0, "a number > 0"),
+    "optimizer.weight_decay": (lambda v: is_number(v) and v >= 0, "a number >= 0"),
+    "data.batch_size": (lambda v: is_int(v) and v >= 1, "an integer >= 1"),
+    "data.num_workers": (lambda v: is_int(v) and v >= 0, "an integer >= 0"),
+    "data.num_samples": (lambda v: is_int(v) and v >= 1, "an integer >= 1"),
     "data.resolution": (
-        lambda v: all(integer(x) and x >= 8 and x % 8 == 0 for x in (v if OmegaConf.is_list(v) else [v])),
+        lambda v: all(is_int(x) and x >= 8 and x % 8 == 0 for x in (v if OmegaConf.is_list(v) else [v])),
         "a multiple of 8 (the VAE's scale factor), or [height, width] of such",
     ),
-    "data.samples_per_epoch": (lambda v: v is None or (integer(v) and v >= 1), "null or an integer >= 1"),
-    "trainer.max_steps": (lambda v: integer(v) and (v == -1 or v >= 1), "-1 (no limit) or an integer >= 1"),
-    "trainer.accumulate_grad_batches": (lambda v: integer(v) and v >= 1, "an integer >= 1"),
-    "trainer.gradient_clip_val": (lambda v: v is None or (number(v) and v >= 0), "null or a number >= 0"),
-    "trainer.log_every_n_steps": (lambda v: integer(v) and v >= 1, "an integer >= 1"),
+    "data.samples_per_epoch": (lambda v: v is None or (is_int(v) and v >= 1), "null or an integer >= 1"),
+    "trainer.max_steps": (lambda v: is_int(v) and (v == -1 or v >= 1), "-1 (no limit) or an integer >= 1"),
+    "trainer.accumulate_grad_batches": (lambda v: is_int(v) and v >= 1, "an integer >= 1"),
+    "trainer.gradient_clip_val": (lambda v: v is None or (is_number(v) and v >= 0), "null or a number >= 0"),
+    "trainer.log_every_n_steps": (lambda v: is_int(v) and v >= 1, "an integer >= 1"),
 }
 
 
