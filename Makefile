@@ -67,7 +67,7 @@ tiny-model: $(STAMP) ## write a tiny random SDXL-shaped pipeline to artifacts/ti
 SWEEP_DIR   := logs/toy_tdd/multiruns/example
 
 sweep: $(STAMP) $(TOY_CACHE) ## example multirun: 2x2 sweep of short toy runs (~15 min CPU), then a report table
-	$(PY) train.py -m experiment=toy_tdd trainer.max_steps=200 callbacks.toy_eval.n=500 callbacks.toy_eval.etas=[0.2] \
+	$(PY) train.py -m experiment=toy_tdd trainer.max_steps=200 callbacks.toy_eval.n=500 callbacks.toy_eval.etas=[0.2] '~callbacks.toy_curves' \
 		target_selection.s_ratio=0.0,0.3 guidance.p_empty=0.0,0.2 hydra.sweep.dir=$(SWEEP_DIR)
 	$(PY) -m tdd_lightning.training.sweep_report $(SWEEP_DIR) --metrics train/loss eval/prompt_acc/4steps_eta0.2 \
 		eval/fd/4steps_eta0.2 global_step

@@ -14,7 +14,8 @@ recommended scheduler and its settings, the TDD knobs the model was trained with
 The export only renames checkpoint tensors: the base model is never loaded. Every file is written to a
 temporary file in the target folder and moved into place with ``os.replace`` (never a half-written file).
 
-    python -m tdd_lightning.export CKPT --out DIR [--role student|target|both] [--format diffusers|kohya|both]
+    python -m tdd_lightning.export CKPT --out DIR [--role student|target|ema|both|all]
+        [--format diffusers|kohya|both]
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from tdd_lightning.errors import ConfigError, UserError, report
 from tdd_lightning.models.dtypes import DTYPES
 from tdd_lightning.strategies.inference import recorded_inference
 
-ROLES = ("student", "target")
+ROLES = ("student", "target", "ema")  # ema: the evaluation EMA, when the run kept one
 FORMATS = ("diffusers", "kohya")
 DIFFUSERS_WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # diffusers' default LoRA file name
 KOHYA_WEIGHT_NAME = "lora_kohya.safetensors"
@@ -212,10 +213,29 @@ def _as_list(value: str | Iterable[str], allowed: tuple[str, ...], what: str) ->
     return items
 
 
+def roles_in(state_dict: Mapping[str, torch.Tensor]) -> list[str]:
+    """The LoRA roles a checkpoint holds, in ``ROLES`` order."""
+    found = {m["role"] for k in state_dict if (m := _CKPT_KEY.match(k))}
+    return [r for r in ROLES if r in found]
+
+
+def _roles(value: str | Iterable[str], state_dict: Mapping[str, torch.Tensor]) -> list[str]:
+    """'all': every role the checkpoint holds; 'both': student and target; else the named role(s)."""
+    if value == "all":
+        return roles_in(state_dict)
+    if value == "both":
+        return ["student", "target"]
+    items = [value] if isinstance(value, str) else list(value)
+    bad = [v for v in items if v not in ROLES]
+    if bad or not items:
+        raise ConfigError("role", value, f"choose from {ROLES}, 'both' (student and target) or 'all'")
+    return items
+
+
 def export_lora(
     checkpoint: str | os.PathLike | Mapping[str, Any],
     out_dir: str | os.PathLike,
-    roles: str | Iterable[str] = "both",
+    roles: str | Iterable[str] = "all",
     formats: str | Iterable[str] = "both",
     dtype: str | None = None,
 ) -> dict[tuple[str, str], Path]:
@@ -225,11 +245,12 @@ def export_lora(
     saved). ``dtype`` (fp32|fp16|bf16) casts the tensors; None keeps them (fp32: exact reproduction).
     Returns {(role, format): path}.
     """
-    roles, formats = _as_list(roles, ROLES, "role"), _as_list(formats, FORMATS, "format")
+    formats = _as_list(formats, FORMATS, "format")
     if dtype is not None and dtype not in DTYPES:
         raise ConfigError("dtype", dtype, f"choose from {tuple(DTYPES)}")
     ckpt = load_checkpoint(checkpoint) if isinstance(checkpoint, (str, os.PathLike)) else checkpoint
     state_dict = ckpt["state_dict"]
+    roles = _roles(roles, state_dict)
     written: dict[tuple[str, str], Path] = {}
     for role in roles:
         tensors = lora_tensors(state_dict, role)
@@ -278,7 +299,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("checkpoint", help="a Lightning .ckpt written by train.py")
     p.add_argument("--out", required=True, help="output folder (gets <role>/ subfolders)")
-    p.add_argument("--role", default="both", choices=[*ROLES, "both"], help="student, EMA target, or both")
+    p.add_argument(
+        "--role",
+        default="all",
+        choices=[*ROLES, "both", "all"],
+        help="student, target (the EMA target), ema (the evaluation EMA, if kept), both (student and target) "
+        "or all (every role the checkpoint holds; the default)",
+    )
     p.add_argument("--format", default="both", choices=[*FORMATS, "both"], help="file format(s)")
     p.add_argument("--dtype", default=None, choices=list(DTYPES), help="cast tensors (default: as trained)")
     a = p.parse_args(argv)

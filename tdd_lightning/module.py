@@ -15,7 +15,7 @@ from tdd_lightning.data.ranks import rank_and_world
 from tdd_lightning.diffusion import NoiseSchedule, add_noise, cfg_combine, ddim_jump, k_step_schedule
 from tdd_lightning.diffusion.ops import append_dims
 from tdd_lightning.diffusion.sampling import guided, tdd_sample
-from tdd_lightning.errors import UserError, check_int, check_number
+from tdd_lightning.errors import UserError, check, check_int, check_number
 from tdd_lightning.models.conditioning import (
     condition_from_batch,
     replace_where,
@@ -25,7 +25,7 @@ from tdd_lightning.models.conditioning import (
 )
 from tdd_lightning.models.config import ModelConfig
 from tdd_lightning.models.dtypes import DTYPES
-from tdd_lightning.models.roles import SDXL_LORA_TARGETS, STUDENT, TARGET, LoRARoles
+from tdd_lightning.models.roles import SDXL_LORA_TARGETS, STUDENT, TARGET, LoRARoles, warmup_decay
 from tdd_lightning.strategies import DistillationLoss, Guidance, TargetSelection, inference_hparams
 
 
@@ -55,6 +55,9 @@ class TDDModule(L.LightningModule):
         optimizer: a factory taking the student's LoRA parameters (Hydra ``_partial_``).
         lr_scheduler: a factory taking the optimizer, stepped every optimizer step (or None).
         ema_decay: the target's EMA decay over the student's LoRA tensors (0: the online student).
+        eval_ema_decay: 0 (off) or the decay of a slow EMA of the student kept for evaluation and export
+            only (LoRA role ``ema``, e.g. 0.999; warmed up by ``models.roles.warmup_decay``). It never
+            enters the training step, so the student trains the same with it on or off.
         seed: with the global step, seeds each step's randomness (exact resume, world-size invariant).
         max_nonfinite_steps: stop (with a checkpoint of the last good state) after this many steps in a
             row whose loss or gradient was not finite; each such step is skipped and counted.
@@ -73,10 +76,13 @@ class TDDModule(L.LightningModule):
         max_nonfinite_steps: int = 10,
         max_nonfinite_fraction: float = 0.1,
         snapshot_every: int = 100,
+        eval_ema_decay: float = 0.0,
     ):
         super().__init__()
         self.model_config = ModelConfig.coerce(model)
         check_number("ema_decay", ema_decay, 0.0, 1.0)
+        check_number("eval_ema_decay", eval_ema_decay, 0.0, 1.0)
+        check(eval_ema_decay < 1.0, "eval_ema_decay", eval_ema_decay, "must be 0 (off) or below 1")
         check_int("max_nonfinite_steps", max_nonfinite_steps)
         check_number("max_nonfinite_fraction", max_nonfinite_fraction, 0.0, 1.0)
         check_int("snapshot_every", snapshot_every)
@@ -90,7 +96,7 @@ class TDDModule(L.LightningModule):
         self._skip_update = False
         self.target_selection, self.guidance, self.distill_loss = target_selection, guidance, loss
         self.optimizer_factory, self.lr_scheduler_factory = optimizer, lr_scheduler
-        self.ema_decay, self.seed = ema_decay, seed
+        self.ema_decay, self.seed, self.eval_ema_decay = ema_decay, seed, float(eval_ema_decay)
         self.save_hyperparameters(
             {
                 "model": self.model_cfg,
@@ -98,6 +104,7 @@ class TDDModule(L.LightningModule):
                 "guidance": vars(guidance),
                 "loss": loss.describe(),
                 "ema_decay": ema_decay,
+                "eval_ema_decay": self.eval_ema_decay,
                 "seed": seed,
                 **inference_hparams(target_selection, guidance),  # what the exported LoRA carries
             }
@@ -153,9 +160,10 @@ class TDDModule(L.LightningModule):
                 alpha=lora.alpha,
                 target_modules=lora.target_modules or SDXL_LORA_TARGETS,
                 fused=bool(lora.fused),
+                eval_ema=self.eval_ema_decay > 0,
             )
         # LoRA master weights stay fp32 even when the frozen base is bf16/fp16
-        for p in self.roles.student_params + self.roles.target_params:
+        for p in self.roles.student_params + self.roles.target_params + self.roles.ema_params:
             p.data = p.data.float()
         if cfg.gradient_checkpointing:
             unet.enable_gradient_checkpointing()
@@ -165,6 +173,7 @@ class TDDModule(L.LightningModule):
             unet.compile()  # in place: the roles keep switching the same (compiled) module
         if self.ema_decay > 0:
             self.roles.copy_student_to_target()
+        self.roles.copy_student_to_ema()
 
     def shard(self, mesh) -> None:
         """FSDP2: shard the base UNet per block (frozen and LoRA tensors alike); LoRA stays fp32."""
@@ -316,6 +325,8 @@ class TDDModule(L.LightningModule):
         super().optimizer_step(*args, **kwargs)
         if not self._skip_update:
             self.roles.update_target(self.ema_decay)  # after each real optimizer step
+            if self.eval_ema_decay > 0:  # the decay is a function of the global step: resume-exact
+                self.roles.update_eval_ema(warmup_decay(self.eval_ema_decay, self.global_step))
 
     def on_train_start(self) -> None:
         self.snapshots.take(self.trainer)  # the state before any update of this run

@@ -81,8 +81,8 @@ def test_every_experiment_smoke_runs(experiment, tmp_path, tiny_overrides):
         "trainer.accumulate_grad_batches=1", "logger=csv", "callbacks.sample_grid.every_n_steps=2",
         "callbacks.model_checkpoint.every_n_train_steps=2",
     ]  # fmt: skip
-    if experiment == "toy_tdd":  # its end-of-run evaluation needs the real teacher: see test_toy_eval.py
-        overrides.append("~callbacks.toy_eval")
+    if experiment == "toy_tdd":  # its evaluations need the real teacher: see test_toy_eval.py
+        overrides += ["~callbacks.toy_eval", "~callbacks.toy_curves"]
     cfg = compose_cfg(overrides, tmp_path / "out")
     metrics = train(cfg)
     assert metrics["global_step"] == 2 and metrics["train/loss"] > 0
@@ -131,7 +131,7 @@ def test_callback_sets_compose_the_files_in_order(tmp_path):
 
     assert names("callbacks=default") == DEFAULT_CALLBACKS
     assert names("experiment=smoke") == names("experiment=sdxl_tdd") == DEFAULT_CALLBACKS
-    assert names("experiment=toy_tdd") == [*DEFAULT_CALLBACKS, "toy_eval"]
+    assert names("experiment=toy_tdd") == [*DEFAULT_CALLBACKS, "toy_curves", "toy_eval"]
     assert names("experiment=toy_tdd", "callbacks=none") == names("callbacks=none") == []
 
 

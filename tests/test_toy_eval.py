@@ -212,3 +212,54 @@ def test_teacher_cache_key_is_unchanged_by_the_shared_setting():
     suite = SimpleNamespace(teacher_id="0123456789abcdef", n=1000, ref_steps=50, ref_guidance=2.0)
     raw = '["0123456789abcdef", 1000, 50, 2.0, {"steps": 4, "eta": 0.0, "guidance": 2.0, "seed": 1}]'
     assert Suite._cache_key(suite, Setting(4, 0.0, 2.0, 1)) == hashlib.sha256(raw.encode()).hexdigest()[:20]
+
+
+def _losses(run: Path) -> dict[int, float]:
+    import csv
+
+    rows = csv.DictReader(open(next(run.glob("csv/version_*/metrics.csv"))))
+    return {int(r["step"]): float(r["train/loss"]) for r in rows if r.get("train/loss")}
+
+
+def test_quality_curves_during_training(toy_data, tmp_path):
+    """Every 2 steps the student and the evaluation EMA are scored and logged as eval/... and eval_ema/...
+    series (csv), curves.csv and the plot are written, and the evaluations leave training unchanged."""
+    import csv
+
+    shapes, cache = toy_data
+    common = [
+        sys.executable, str(ROOT / "train.py"), "experiment=toy_tdd",
+        f"data.train_shards={cache}/shard-*.tar", "data.batch_size=8", "data.num_workers=0",
+        "trainer.max_steps=4", "trainer.log_every_n_steps=1",
+        "callbacks.sample_grid.every_n_steps=100", "callbacks.model_checkpoint.every_n_train_steps=100",
+        "~callbacks.toy_eval",
+    ]  # fmt: skip
+    curves = [
+        "callbacks.toy_curves.every_n_steps=2", "callbacks.toy_curves.n=16", "callbacks.toy_curves.steps=[2]",
+        "callbacks.toy_curves.etas=[0.0]", "callbacks.toy_curves.teacher_steps=4",
+        f"callbacks.toy_curves.data={shapes}", f"callbacks.toy_curves.cache_dir={tmp_path / 'cache'}",
+    ]  # fmt: skip
+    env = {**os.environ, "TDD_ROOT": str(ROOT)}
+    run, plain = tmp_path / "run", tmp_path / "plain"
+    for cmd in (
+        [*common, *curves, f"hydra.run.dir={run}"],
+        [*common, "~callbacks.toy_curves", f"hydra.run.dir={plain}"],
+    ):
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
+        assert out.returncode == 0, out.stderr[-3000:]
+    rows = list(csv.DictReader(open(run / "eval" / "curves.csv")))
+    assert [int(r["step"]) for r in rows] == [2, 4]
+    keys = {f"{p}/{m}/2steps_eta0" for p in ("eval", "eval_ema") for m in ("prompt_acc", "fd", "agree")}
+    assert set(rows[0]) == {"step", *keys}
+    for r in rows:
+        acc = float(r["eval/prompt_acc/2steps_eta0"])
+        assert 0 <= acc <= 1 and round(acc * 16) == acc * 16  # a fraction of the 16 prompts
+    logged = list(csv.DictReader(open(next(run.glob("csv/version_*/metrics.csv")))))
+    series = {
+        int(r["step"]): float(r["eval_ema/fd/2steps_eta0"])
+        for r in logged
+        if r.get("eval_ema/fd/2steps_eta0")
+    }
+    assert series == {int(r["step"]): pytest.approx(float(r["eval_ema/fd/2steps_eta0"])) for r in rows}
+    assert (run / "eval" / "quality_curves.png").is_file()
+    assert _losses(run) == _losses(plain) and len(_losses(run)) == 4

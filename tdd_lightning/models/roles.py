@@ -2,7 +2,9 @@
 
 - teacher: base weights, adapters disabled (frozen, no grad);
 - student: the trainable LoRA adapter ``student``;
-- target: a second LoRA adapter ``target``, the EMA of the student's LoRA tensors.
+- target: a second LoRA adapter ``target``, the EMA of the student's LoRA tensors;
+- ema (optional, ``eval_ema=True``): a third adapter, a slow EMA of the student kept for evaluation and
+  export only (the usual practice in consistency-model training); it never enters the training step.
 
 peft's ``set_adapter`` / ``enable_adapters`` also rewrite ``requires_grad`` (activating the target would
 make it trainable and freeze the student). Role switches here only flip which adapter is active on
@@ -19,13 +21,22 @@ from contextlib import contextmanager
 
 import torch
 
-STUDENT, TARGET = "student", "target"
+STUDENT, TARGET, EVAL_EMA = "student", "target", "ema"
 
 # LoRA targets of the authors' SDXL run (ALGORITHM.md section 6)
 SDXL_LORA_TARGETS = (
     "to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
     "conv1", "conv2", "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv", "time_emb_proj",
 )  # fmt: skip
+
+
+def warmup_decay(decay: float, updates: int) -> float:
+    """The evaluation EMA's decay after ``updates`` optimizer steps: min(decay, (1 + n) / (10 + n)).
+
+    Without the warm-up a 0.999 EMA of a 600-step run would still hold 0.999^600 = 55% of the initial
+    (teacher-equivalent) LoRA; with it the average covers roughly the last 10% of the steps early on and
+    tends to the full decay (the schedule of diffusers' EMAModel)."""
+    return min(decay, (1.0 + updates) / (10.0 + updates))
 
 
 def lora_config(rank: int, alpha: float | None, target_modules: Sequence[str]):
@@ -49,6 +60,7 @@ class LoRARoles:
         alpha: float | None,
         target_modules: Sequence[str],
         fused: bool = True,
+        eval_ema: bool = False,
     ):
         from peft.tuners.tuners_utils import BaseTunerLayer
 
@@ -59,6 +71,9 @@ class LoRARoles:
         with warnings.catch_warnings():  # peft warns on a second adapter; two are the design
             warnings.simplefilter("ignore", UserWarning)
             unet.add_adapter(config, adapter_name=TARGET)
+            if eval_ema:  # added last, so the student's initial draw is the same with or without it
+                unet.add_adapter(config, adapter_name=EVAL_EMA)
+        self.adapters = (STUDENT, TARGET, EVAL_EMA) if eval_ema else (STUDENT, TARGET)
         self.layers = [m for m in unet.modules() if isinstance(m, BaseTunerLayer)]
         if not self.layers:
             raise ValueError(f"no LoRA layer matched target_modules={list(target_modules)}")
@@ -66,15 +81,17 @@ class LoRARoles:
         self.collect_params()
         for p in self.student_params:
             p.requires_grad_(True)
-        for p in self.target_params:
+        for p in self.target_params + self.ema_params:
             p.requires_grad_(False)
         self.copy_student_to_target()
+        self.copy_student_to_ema()
         self.use(STUDENT)
 
     def collect_params(self) -> None:
         """(Re)collect the adapters' parameters, e.g. after FSDP replaced them with sharded ones."""
         self.student_params = self._adapter_params(STUDENT)
         self.target_params = self._adapter_params(TARGET)
+        self.ema_params = self._adapter_params(EVAL_EMA) if EVAL_EMA in self.adapters else []
 
     def _adapter_params(self, name: str) -> list[torch.nn.Parameter]:
         key = f".{name}."
@@ -92,14 +109,16 @@ class LoRARoles:
 
     # ---- role switching -------------------------------------------------------------------------
     def use(self, role: str) -> None:
-        """Make ``role`` ('teacher', 'student' or 'target') the active behaviour of the UNet."""
+        """Make ``role`` ('teacher', 'student', 'target' or, when kept, 'ema') the UNet's behaviour."""
         if role == "teacher":
             for layer in self.layers:
                 layer._disable_adapters = True
             self.active = role
             return
-        if role not in (STUDENT, TARGET):
-            raise ValueError(f"unknown role {role!r}: use 'teacher', 'student' or 'target'")
+        if role not in self.adapters:
+            known = ", ".join(repr(r) for r in ("teacher", *self.adapters))
+            hint = " (the evaluation EMA is off: module.eval_ema_decay=0)" if role == EVAL_EMA else ""
+            raise ValueError(f"unknown role {role!r}{hint}: use one of {known}")
         for layer in self.layers:
             layer._disable_adapters = False
             layer._active_adapter = [role]
@@ -126,3 +145,15 @@ class LoRARoles:
             self.copy_student_to_target()
         elif decay < 1.0:
             torch._foreach_lerp_(self.target_params, self.student_params, 1.0 - decay)
+
+    # ---- evaluation EMA -------------------------------------------------------------------------------
+    @torch.no_grad()
+    def copy_student_to_ema(self) -> None:
+        if self.ema_params:
+            torch._foreach_copy_(self.ema_params, self.student_params)
+
+    @torch.no_grad()
+    def update_eval_ema(self, decay: float) -> None:
+        """ema <- decay * ema + (1 - decay) * student (a no-op when the evaluation EMA is off)."""
+        if self.ema_params:
+            torch._foreach_lerp_(self.ema_params, self.student_params, 1.0 - decay)

@@ -56,7 +56,8 @@ def train_student(name: str, overrides: list[str], seed: int, runs: Path, extra:
         *overrides,
         f"seed={seed}",
         f"hydra.run.dir={run}",
-        "~callbacks.toy_eval",
+        "~callbacks.toy_eval",  # evaluated below, every method identically, from the exported LoRAs
+        "~callbacks.toy_curves",
         "callbacks.progress_bar.refresh_rate=100",
         *extra,
     ]

@@ -14,7 +14,23 @@ from pathlib import Path
 import lightning as L
 import torch
 
-from tdd_lightning.errors import check, check_int, check_ints, check_number
+from tdd_lightning.errors import UserError, check, check_int, check_ints, check_number
+
+ROLE_NAMES = ("student", "target", "ema")  # the LoRA roles a toy callback can evaluate
+
+
+def metric_key(metric: str, steps: int, eta: float, role: str = "student") -> str:
+    """``eval/prompt_acc/4steps_eta0.2`` for the student, ``eval_ema/...`` (``eval_<role>``) otherwise."""
+    prefix = "eval" if role == "student" else f"eval_{role}"
+    return f"{prefix}/{metric}/{steps}steps_eta{eta:g}"
+
+
+def check_toy_inputs(evaluator: str, data: str, node: str) -> None:
+    """Fail at the start of a run, not after training, if the evaluator or the held-out data is missing."""
+    if not Path(evaluator, "config.json").is_file():
+        raise UserError(f"callbacks.{node}.evaluator: no evaluator at {evaluator}")
+    if not Path(data, "heldout").is_dir():
+        raise UserError(f"callbacks.{node}.data: no held-out split in {data} (run `make shapes`)")
 
 
 class ToyEvaluation(L.Callback):
@@ -41,19 +57,13 @@ class ToyEvaluation(L.Callback):
         self.teacher_steps = check_ints("teacher_steps", teacher_steps)
         self.teacher_guidance = check_number("teacher_guidance", teacher_guidance, 0.0)
         self.n, self.seed = check_int("n", n), check_int("seed", seed, 0)
-        check(role in ("student", "target"), "role", role, "must be student or target")
+        check(role in ROLE_NAMES, "role", role, f"must be one of {', '.join(ROLE_NAMES)}")
         self.cache_dir, self.out_dir, self.role = cache_dir, out_dir, role
         self.progress = progress  # bars (stderr) over the sampling of each cell: the teacher's take minutes
         self.table: str | None = None
 
     def on_fit_start(self, trainer, pl_module):
-        """Fail now, not after training, if the evaluator or the held-out data is missing."""
-        from tdd_lightning.errors import UserError
-
-        if not Path(self.evaluator, "config.json").is_file():
-            raise UserError(f"callbacks.toy_eval.evaluator: no evaluator at {self.evaluator}")
-        if not Path(self.data, "heldout").is_dir():
-            raise UserError(f"callbacks.toy_eval.data: no held-out split in {self.data} (run `make shapes`)")
+        check_toy_inputs(self.evaluator, self.data, "toy_eval")
 
     def on_train_end(self, trainer, pl_module):
         if not trainer.is_global_zero or trainer.max_steps < 0 or trainer.global_step < trainer.max_steps:
@@ -113,19 +123,20 @@ class ToyEvaluation(L.Callback):
         for r in records:  # into metrics.json (and sweep reports): eval/prompt_acc/4steps_eta0.2, ...
             if r["model"] == name:
                 for m in ("prompt_acc", "fd", "agree"):
-                    trainer.callback_metrics[f"eval/{m}/{r['steps']}steps_eta{r['eta']:g}"] = torch.tensor(
+                    trainer.callback_metrics[metric_key(m, r["steps"], r["eta"], self.role)] = torch.tensor(
                         r[m]
                     )
         table = paths["table"].read_text()
         print(f"\nStudent after {trainer.global_step} steps vs the teacher ({out}):\n\n{table}", flush=True)
-        self._log_wandb(trainer, paths)
+        log_images(trainer, paths, "eval/report")
         return table
 
-    @staticmethod
-    def _log_wandb(trainer, paths) -> None:
-        from lightning.pytorch.loggers import WandbLogger
 
-        for logger in trainer.loggers:
-            if isinstance(logger, WandbLogger):
-                images = [str(p) for k, p in paths.items() if p.suffix == ".png"]
-                logger.log_image("eval/report", images, step=trainer.global_step)
+def log_images(trainer, paths: dict[str, Path], key: str) -> None:
+    """The PNGs among ``paths`` to every wandb logger of the run, under ``key``."""
+    from lightning.pytorch.loggers import WandbLogger
+
+    for logger in trainer.loggers:
+        if isinstance(logger, WandbLogger):
+            images = [str(p) for p in paths.values() if p.suffix == ".png"]
+            logger.log_image(key, images, step=trainer.global_step)

@@ -105,3 +105,41 @@ def plot_vs(rows: Sequence[dict], x: str, fixed: dict[str, dict], out: str | Pat
     atomic_write(out, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
     plt.close(fig)
     return out
+
+
+def plot_curves(history: Sequence[dict], out: str | Path, title: str) -> Path | None:
+    """Prompt accuracy, FD and agreement against the training step, one line per role and cell.
+
+    ``history``: rows ``{"step": ..., "eval/prompt_acc/4steps_eta0": ..., "eval_ema/...": ...}`` (the
+    curves callback's). The EMA's lines are dashed in the colour of the student's same cell. Returns None
+    with fewer than two rows."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if len(history) < 2:
+        return None
+    keys = sorted({k for r in history for k in r} - {"step"})
+    cells = sorted({k.split("/", 2)[2] for k in keys}, key=lambda c: (int(c.split("steps")[0]), c))
+    colours = {c: f"C{i}" for i, c in enumerate(cells)}
+    fig, axes = plt.subplots(1, len(METRICS), figsize=(14, 3.8))
+    for ax, (metric, label, _) in zip(axes, METRICS, strict=True):
+        for key in (k for k in keys if k.split("/")[1] == metric):
+            prefix, _, cell = key.split("/", 2)
+            pts = [(r["step"], r[key]) for r in history if key in r]
+            role = "student" if prefix == "eval" else prefix.removeprefix("eval_")
+            style = "-o" if role == "student" else "--s"
+            ax.plot(*zip(*pts, strict=True), style, ms=3, color=colours[cell], label=f"{role} {cell}")
+        ax.set_xlabel("training step")
+        ax.set_ylabel(label)
+        if metric == "fd":
+            ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    out = Path(out)
+    atomic_write(out, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+    plt.close(fig)
+    return out

@@ -23,7 +23,7 @@ from lightning.fabric.plugins.io.checkpoint_io import CheckpointIO
 from lightning.pytorch.utilities import rank_zero_warn
 
 from tdd_lightning.errors import ConfigError, check
-from tdd_lightning.export import FORMATS, ROLES, _as_list, export_lora
+from tdd_lightning.export import FORMATS, ROLES, _as_list, _roles, export_lora
 from tdd_lightning.models.dtypes import DTYPES
 
 
@@ -63,20 +63,23 @@ class LoRAExport(L.Callback):
     """Export the student and/or EMA target LoRA beside each saved checkpoint.
 
     Args:
-        roles: "student", "target" or "both".
+        roles: "student", "target", "ema", "both" (student and target) or "all" (every role the run keeps).
         formats: "diffusers", "kohya" or "both".
         dtype: None keeps the trained dtype (fp32: exact reproduction); fp16 / bf16 halve the files.
         suffix: the LoRA folder is ``<checkpoint stem><suffix>`` beside the checkpoint.
     """
 
     def __init__(
-        self, roles: str = "both", formats: str = "both", dtype: str | None = None, suffix: str = "_lora"
+        self, roles: str = "all", formats: str = "both", dtype: str | None = None, suffix: str = "_lora"
     ):
-        for key, value, allowed in (("roles", roles, ROLES), ("formats", formats, FORMATS)):
-            try:
-                _as_list(value, allowed, key)
-            except ValueError:
-                raise ConfigError(key, value, f"choose from {allowed} or 'both'") from None
+        try:
+            _roles(roles, {})
+        except ValueError:
+            raise ConfigError("roles", roles, f"choose from {ROLES}, 'both' or 'all'") from None
+        try:
+            _as_list(formats, FORMATS, "formats")
+        except ValueError:
+            raise ConfigError("formats", formats, f"choose from {FORMATS} or 'both'") from None
         check(dtype is None or dtype in DTYPES, "dtype", dtype, f"null or one of {', '.join(DTYPES)}")
         self.roles, self.formats, self.dtype, self.suffix = roles, formats, dtype, suffix
         self.exported: list[Path] = []  # LoRA folders written in this run, in order
