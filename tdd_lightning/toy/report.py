@@ -95,10 +95,21 @@ def plot_vs(rows: Sequence[dict], x: str, fixed: dict[str, dict], out: str | Pat
             ax.set_xscale("log", base=2)
             ax.set_xticks(sorted({r[x] for pts in lines.values() for r in pts}))
             ax.get_xaxis().set_major_formatter(matplotlib.ticker.ScalarFormatter())
-        if metric == "fd":
-            ax.set_yscale("log")
-        ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
+        _finish_axis(ax, metric)
+    return _save_figure(fig, axes, title, out, legend_size=8)
+
+
+def _finish_axis(ax, metric: str) -> None:
+    if metric == "fd":
+        ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+
+
+def _save_figure(fig, axes, title: str, out: str | Path, legend_size: int) -> Path:
+    """Legend, title, layout, then an atomic PNG write; the figure is closed."""
+    import matplotlib.pyplot as plt
+
+    axes[0].legend(fontsize=legend_size)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     out = Path(out)
@@ -133,13 +144,5 @@ def plot_curves(history: Sequence[dict], out: str | Path, title: str) -> Path | 
             ax.plot(*zip(*pts, strict=True), style, ms=3, color=colours[cell], label=f"{role} {cell}")
         ax.set_xlabel("training step")
         ax.set_ylabel(label)
-        if metric == "fd":
-            ax.set_yscale("log")
-        ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7)
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    out = Path(out)
-    atomic_write(out, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
-    plt.close(fig)
-    return out
+        _finish_axis(ax, metric)
+    return _save_figure(fig, axes, title, out, legend_size=7)
