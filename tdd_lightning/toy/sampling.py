@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+
 import torch
 
 from tdd_lightning.diffusion import NoiseSchedule
@@ -39,6 +41,17 @@ def initial_noise(n: int, seed: int, channels: int = 4, side: int = IMAGE_SIZE /
     return torch.randn(n, channels, side, side, generator=torch.Generator().manual_seed(seed))
 
 
+def renoise_seed(seed: int) -> int:
+    """The seed of the eta re-noising draws of sampling seed ``seed``: a stream apart from x_T's.
+
+    Seeding the re-noising generator with ``seed`` itself (as before 2026-12-02) made the first batch's
+    first re-noising draw equal to its initial noise x_T (the same generator state, the same shape), so
+    the eta > 0 cells of the first 250 prompts re-noised with x_T again: measured on the make-train
+    student at 4 steps, eta 0.2, prompt accuracy 0.380 on those 250 prompts against 0.525 on the rest."""
+    digest = hashlib.blake2b(f"{seed}/renoise".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
 @torch.no_grad()
 def sample_images(
     unet,
@@ -54,15 +67,15 @@ def sample_images(
     progress: bool = False,
 ) -> torch.Tensor:
     """uint8 images [N, 3, 32, 32]: ``tdd_sample`` on ``timesteps`` (eta 0: DDIM) with CFG ``guidance``,
-    then decode (images on the CPU). The re-noising draws (eta > 0) come from ``seed``, so a cell is
-    reproducible. ``progress``: a bar over the UNet steps (batches x steps) on stderr.
+    then decode (images on the CPU). The re-noising draws (eta > 0) come from ``renoise_seed(seed)``, so a
+    cell is reproducible. ``progress``: a bar over the UNet steps (batches x steps) on stderr.
 
     CFG is standard (eps_u + g (eps_c - eps_u), against the zeros condition) from one batched forward
     [conditional | unconditional] per step (``teacher_cfg_eps``); g = 1 runs the conditional alone."""
     from tdd_lightning.models.conditioning import teacher_cfg_eps, unconditional_like, unet_eps
 
     out = []
-    generator = torch.Generator(device=x_T.device).manual_seed(seed)
+    generator = torch.Generator(device=x_T.device).manual_seed(renoise_seed(seed))
     starts = range(0, len(x_T), batch_size)
     desc = f"sample {len(timesteps)} st. eta {eta:g} g {guidance:g}"
     with progress_bar(total=len(starts) * len(timesteps), desc=desc, unit="step", enabled=progress) as bar:
