@@ -15,8 +15,9 @@ import lightning as L
 import torch
 
 from tdd_lightning.errors import UserError, check, check_int, check_ints, check_number
+from tdd_lightning.export import ROLES
 
-ROLE_NAMES = ("student", "target", "ema")  # the LoRA roles a toy callback can evaluate
+ROLE_NAMES = ROLES  # the LoRA roles a toy callback can evaluate
 
 
 def metric_key(metric: str, steps: int, eta: float, role: str = "student") -> str:

@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from tdd_lightning.errors import UserError
+from tdd_lightning.export import ROLES
 from tdd_lightning.toy.runner import Grid, Student, run_grid, write_report
 
 
@@ -99,7 +100,9 @@ def build_suite(a):
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--student", action="append", default=[], metavar="NAME=PATH", help="repeatable")
-    p.add_argument("--role", default="student", choices=["student", "target"], help="for run folders")
+    p.add_argument(
+        "--role", default="student", choices=list(ROLES), help="for run folders (ema: the evaluation EMA)"
+    )
     p.add_argument("--teacher", default="models/toy-teacher")
     p.add_argument("--evaluator", default="models/toy-evaluator")
     p.add_argument("--data", default="data/shapes/two", help="shapes dataset root (its heldout split)")
