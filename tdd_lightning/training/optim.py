@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -21,6 +22,31 @@ class ConstantWithWarmup:
         if self.warmup_steps == 0:
             return 1.0
         return min(1.0, (step + 1) / self.warmup_steps)
+
+
+class WarmupDecay(ConstantWithWarmup):
+    """LR multiplier: linear warm-up over ``warmup_steps``, then a ``cosine`` or ``linear`` decay from 1 to
+    ``final`` at ``total_steps`` (held at ``final`` after it). For a run of N steps set total_steps = N
+    (``lr_scheduler=cosine`` does: ``${trainer.max_steps}``)."""
+
+    def __init__(self, total_steps: int, warmup_steps: int = 0, final: float = 0.0, shape: str = "cosine"):
+        super().__init__(warmup_steps)
+        if total_steps <= warmup_steps:
+            raise ValueError(
+                f"lr_scheduler.lr_lambda.total_steps={total_steps} must exceed warmup_steps={warmup_steps}"
+            )
+        if not 0.0 <= final <= 1.0:
+            raise ValueError(f"lr_scheduler.lr_lambda.final={final} must lie in [0, 1]")
+        if shape not in ("cosine", "linear"):
+            raise ValueError(f"lr_scheduler.lr_lambda.shape={shape!r} must be cosine or linear")
+        self.total_steps, self.final, self.shape = total_steps, float(final), shape
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup_steps:
+            return super().__call__(step)
+        progress = min(1.0, (step - self.warmup_steps) / (self.total_steps - self.warmup_steps))
+        fall = 0.5 * (1.0 + math.cos(math.pi * progress)) if self.shape == "cosine" else 1.0 - progress
+        return self.final + (1.0 - self.final) * fall
 
 
 def adamw8bit(**kwargs: Any) -> Callable[..., torch.optim.Optimizer]:
