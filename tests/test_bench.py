@@ -10,7 +10,7 @@ from tdd_lightning.bench.build import BenchConfig
 from tdd_lightning.bench.report import format_report
 from tdd_lightning.bench.runner import PHASES, run_bench
 from tdd_lightning.bench.timing import PhaseTimer
-from tdd_lightning.models.conditioning import unet_eps
+from tdd_lightning.models.families.sdxl import unet_eps
 from tdd_lightning.models.roles import SDXL_LORA_TARGETS, LoRARoles
 
 
@@ -162,7 +162,7 @@ def test_naive_phases_and_ablation_are_reported(result):
 def _naive(tiny_sdxl_dir, tmp_path):
     from tdd_lightning.bench.build import build
     from tdd_lightning.bench.naive import NaiveTrainer
-    from tdd_lightning.models.encoder import SDXLEncoder
+    from tdd_lightning.models.families.sdxl import SDXLEncoder
 
     cfg = BenchConfig(pretrained=str(tiny_sdxl_dir), batch=2, rank=4, ema_decay=0.5)
     built = build(cfg, tmp_path)

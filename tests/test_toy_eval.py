@@ -79,7 +79,7 @@ def toy_data(tmp_path_factory):
     from tdd_lightning.data.encode import encode_shards
     from tdd_lightning.data.shapes import ShapesConfig, make_shapes
     from tdd_lightning.models import load_sdxl_components
-    from tdd_lightning.models.encoder import SDXLEncoder
+    from tdd_lightning.models.families.sdxl import SDXLEncoder
 
     root = tmp_path_factory.mktemp("toy")
     shapes = root / "shapes"

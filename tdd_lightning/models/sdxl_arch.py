@@ -77,6 +77,13 @@ def sdxl_unet(
     return unet.requires_grad_(False).eval()
 
 
+def text_shapes() -> dict[str, tuple[int, ...]]:
+    """The SDXL family's text tensors at SDXL's widths: (77, 2048) and (1280,)."""
+    from tdd_lightning.models.families.sdxl import SDXL
+
+    return SDXL.text_shapes_of(SDXL_TEXT["text_encoder"], SDXL_TEXT["text_encoder_2"])
+
+
 def text_dims() -> tuple[int, int]:
     """(prompt_embeds width, pooled width) = (2048, 1280)."""
     te1, te2 = SDXL_TEXT["text_encoder"], SDXL_TEXT["text_encoder_2"]
