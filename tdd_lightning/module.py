@@ -171,6 +171,7 @@ class TDDModule(L.LightningModule):
         """
         cfg = self.model_config
         lora = cfg.lora
+        self.family.check_unet(unet.config)
         self.schedule = schedule_from_config(scheduler_config)
         self.prediction_type = str(dict(scheduler_config).get("prediction_type", "epsilon"))
         try:

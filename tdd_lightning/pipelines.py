@@ -61,6 +61,8 @@ def tdd_scheduler(scheduler_config: Any, metadata: dict[str, Any] | None = None,
     # TDDScheduler.from_config keeps the keys it honours, warns by name for the others, and drops the
     # values the config only holds as its class defaults (``_use_default_values``: e.g. DDPM's clip_sample)
     config = dict(scheduler_config)
+    defaults = set(config.pop("_use_default_values", ()))
+    config = {k: v for k, v in config.items() if k not in defaults}
     trained = (metadata or {}).get("scheduler_config") or {}
     config.update({k: trained[k] for k in SCHEDULER_KEYS if k in trained})
     config.update(overrides)

@@ -164,7 +164,7 @@ class TDDScheduler(SchedulerMixin, ConfigMixin):
         """
         config = dict(config or {})
         defaults = set(config.get("_use_default_values", ()))
-        given = {k: v for k, v in {**config, **kwargs}.items() if k not in defaults and not k.startswith("_")}
+        given = {k: v for k, v in config.items() if k not in defaults and not k.startswith("_")} | kwargs
         known = [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
         for message in unhonoured_keys(given, known):
             _warn_once(f"TDDScheduler.from_config: {message}")

@@ -98,7 +98,7 @@ def test_same_seed_same_images_and_prompt_file(lora_dir, tmp_path):
         ([], "lora: give an exported LoRA"),
         (["lora=/no/such/lora.safetensors"], "lora: LoRA /no/such/lora.safetensors does not exist"),
         (["lora=null", "base=/no/such/base"], "base: model folder /no/such/base does not exist"),
-        (["lora=null"], "base: give the SDXL base model"),
+        (["lora=null"], "base: give the base model"),
     ],
     ids=["no-lora", "missing-lora", "missing-base", "no-base"],
 )

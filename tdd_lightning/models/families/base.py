@@ -46,6 +46,7 @@ class ModelFamily:
     text_keys: tuple[str, ...] = ()  # condition parts the unconditional condition replaces
     cond_keys: tuple[str, ...] = ()  # every condition tensor of a batch / cached shard (text first)
     lora_targets: tuple[str, ...] = LORA_TARGETS
+    addition_embed_type: str | None = None  # the UNet config's added condition (SDXL: "text_time")
     kohya_base_model = ""  # ss_base_model_version of a kohya file
     modelspec_architecture = ""  # modelspec.architecture of a kohya file
 
@@ -74,6 +75,17 @@ class ModelFamily:
     def build_tiny(self, out_dir: str | os.PathLike, cfg=None) -> Path:
         """A tiny random pipeline of this family, written with ``save_pretrained``."""
         raise NotImplementedError
+
+    def check_unet(self, unet_config: Mapping) -> None:
+        """UserError when the UNet is not of this family (its added condition says which one it is)."""
+        added = unet_config.get("addition_embed_type")
+        if added != self.addition_embed_type:
+            other = "sdxl" if added == "text_time" else "sd15" if added is None else None
+            hint = f": set model.family={other}" if other else ""
+            raise UserError(
+                f"model.family={self.name} expects a UNet with addition_embed_type="
+                f"{self.addition_embed_type!r}, this one has {added!r}{hint}"
+            )
 
     def text_shapes(self, pretrained: str | os.PathLike) -> dict[str, tuple[int, ...]]:
         """The per-sample shape of each text part, read from the folder's configs (no weights)."""

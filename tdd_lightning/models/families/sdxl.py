@@ -182,6 +182,7 @@ class SDXLFamily(ModelFamily):
     pipeline_class = "StableDiffusionXLPipeline"
     text_keys = ("prompt_embeds", "pooled_prompt_embeds")
     cond_keys = ("prompt_embeds", "pooled_prompt_embeds", "time_ids")
+    addition_embed_type = "text_time"
     kohya_base_model = "sdxl_base_v1-0"
     modelspec_architecture = "stable-diffusion-xl-v1-base/lora"
 
