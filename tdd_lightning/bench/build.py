@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 CONF = Path(__file__).resolve().parents[2] / "conf"
-TINY_SAMPLE_SIZE, SDXL_SAMPLE_SIZE, SD15_SAMPLE_SIZE = 32, 128, 64  # default latent sides (256, 1024, 512 px)
+TINY_SAMPLE_SIZE = 32  # the tiny model's latent side when --sample-size is not given (256 px)
 ARCH_MODELS = ("sdxl_arch", "sd15_arch")  # published UNet configs with random weights
 
 
@@ -43,7 +43,7 @@ class BenchConfig:
         None,
         "latent side (default: the --pretrained folder's, else tiny 32 = 256 px; sdxl_arch 128; "
         "sd15_arch 64); given with --pretrained it overrides the folder's UNet sample_size",
-        by_model={"sdxl_arch": SDXL_SAMPLE_SIZE, "sd15_arch": SD15_SAMPLE_SIZE},
+        by_model={"sdxl_arch": 128, "sd15_arch": 64},
     )
     channels: tuple[int, ...] = option((32, 64), "tiny UNet blocks (block_out_channels)")
     rank: int = option(
@@ -143,30 +143,23 @@ def composed_family(composed):
 def build(cfg: BenchConfig, out_dir: Path) -> Built:
     from tdd_lightning.data.resumable import ResumableLoader
     from tdd_lightning.data.synthetic import synthetic_latents
-    from tdd_lightning.models.tiny import SD15_SCHEDULER, SDXL_SCHEDULER
     from tdd_lightning.training.run import build_module
 
     check_config(cfg)
     device = torch.device(cfg.device)
     dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
-    if cfg.model == "sdxl_arch":
-        from tdd_lightning.models.sdxl_arch import sdxl_unet, text_shapes
+    if cfg.model in ARCH_MODELS:  # models/<name>.py: the published UNet config, random weights
+        from importlib import import_module
 
+        arch = import_module(f"tdd_lightning.models.{cfg.model}")
         pretrained = None
-        composed = compose(cfg, str(out_dir / "sdxl-arch"), out_dir)
-        side = SDXL_SAMPLE_SIZE if cfg.sample_size is None else cfg.sample_size
-        unet = sdxl_unet(side, device=device, dtype=dtype, seed=cfg.seed)
-        scheduler_config, text = SDXL_SCHEDULER, text_shapes()
-        bare = None  # a second 2.6 B-parameter copy is not worth its memory: the teacher role stands in
-    elif cfg.model == "sd15_arch":
-        from tdd_lightning.models.sd15_arch import sd15_unet, text_shapes
-
-        pretrained = None
-        composed = compose(cfg, str(out_dir / "sd15-arch"), out_dir)
-        side = SD15_SAMPLE_SIZE if cfg.sample_size is None else cfg.sample_size
-        unet = sd15_unet(side, device=device, dtype=dtype, seed=cfg.seed)
-        scheduler_config, text = SD15_SCHEDULER, text_shapes()
-        bare = None  # as for sdxl_arch: the teacher role stands in for the bare UNet
+        composed = compose(cfg, str(out_dir / cfg.model.replace("_", "-")), out_dir)
+        side = arch.SAMPLE_SIZE if cfg.sample_size is None else cfg.sample_size
+        unet = arch.unet(side, device=device, dtype=dtype, seed=cfg.seed)
+        scheduler_config, text = arch.SCHEDULER, arch.text_shapes()
+        bare = (
+            None  # a second multi-billion-parameter copy is not worth its memory: the teacher role stands in
+        )
     else:
         pretrained = tiny_pipeline(cfg, out_dir)
         composed = compose(cfg, str(pretrained), out_dir)

@@ -12,12 +12,11 @@ config (no encoder weights): enough for training from cached or synthetic data (
 
 from __future__ import annotations
 
-import argparse
-import json
 from pathlib import Path
 
 import torch
 
+from tdd_lightning.models.sdxl_arch import arch_main, random_unet, write_arch_folder
 from tdd_lightning.models.tiny import SD15_SCHEDULER
 
 SD15_UNET_CONFIG = dict(
@@ -43,21 +42,15 @@ SD15_UNET_PARAMS = 859_520_964  # SD1.5's UNet
 SD15_TEXT = {"text_encoder": {"hidden_size": 768}}  # CLIP ViT-L/14
 
 
-def sd15_unet(
-    sample_size: int = 64,
-    device: torch.device | str | None = None,
-    dtype: torch.dtype | None = None,
-    seed: int = 0,
-):
-    """SD1.5's UNet with random weights, built directly on ``device`` (``"meta"``: shapes only)."""
-    from diffusers import UNet2DConditionModel
+SAMPLE_SIZE, SCHEDULER = 64, SD15_SCHEDULER  # the bench's defaults (bench/build.py)
 
-    torch.manual_seed(seed)
-    with torch.device(device or "cpu"):
-        unet = UNet2DConditionModel(**{**SD15_UNET_CONFIG, "sample_size": sample_size})
-    if dtype is not None:
-        unet = unet.to(dtype)
-    return unet.requires_grad_(False).eval()
+
+def sd15_unet(sample_size: int = 64, device=None, dtype: torch.dtype | None = None, seed: int = 0):
+    """SD1.5's UNet with random weights, built directly on ``device`` (``"meta"``: shapes only)."""
+    return random_unet(SD15_UNET_CONFIG, sample_size, device, dtype, seed)
+
+
+unet = sd15_unet  # the bench's name for this architecture's UNet
 
 
 def text_shapes() -> dict[str, tuple[int, ...]]:
@@ -69,26 +62,13 @@ def build_sd15_arch(out_dir: str | Path, sample_size: int = 64, dtype: torch.dty
     """Write a diffusers-layout folder: random SD1.5 UNet + scheduler + text-encoder config (no weights)."""
     from diffusers import DDIMScheduler
 
-    out_dir = Path(out_dir)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    sd15_unet(sample_size, device=device, dtype=dtype).save_pretrained(out_dir / "unet")
-    DDIMScheduler(**SD15_SCHEDULER).save_pretrained(out_dir / "scheduler")
-    for name, cfg in SD15_TEXT.items():
-        (out_dir / name).mkdir(parents=True, exist_ok=True)
-        (out_dir / name / "config.json").write_text(json.dumps(cfg, indent=2))
-    return out_dir
+    unet_module = sd15_unet(sample_size, device=device, dtype=dtype)
+    return write_arch_folder(out_dir, unet_module, DDIMScheduler(**SD15_SCHEDULER), SD15_TEXT)
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(
-        description="Write SD1.5's UNet architecture with random weights (no download)."
-    )
-    p.add_argument("out_dir", help="folder to write (unet/, scheduler/, text_encoder/config.json)")
-    p.add_argument("--sample-size", type=int, default=64, help="latent side (image side = 8x)")
-    a = p.parse_args(argv)
-    path = build_sd15_arch(a.out_dir, a.sample_size)
-    size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / 2**30
-    print(f"wrote SD1.5-architecture UNet (random weights) to {path} ({size:.1f} GiB)")
+    arch_main(argv, "SD1.5", build_sd15_arch, 64)
 
 
 if __name__ == "__main__":

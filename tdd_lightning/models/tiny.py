@@ -59,21 +59,32 @@ class TinySDXLConfig:
         )
 
 
-def unet_from_config(cfg: TinySDXLConfig):
+def small_unet(cfg, down_block_types, up_block_types, **kwargs):
+    """A UNet2DConditionModel of a tiny config's widths (size, channels, heads, groups) + ``kwargs``."""
     from diffusers import UNet2DConditionModel
 
-    n = len(cfg.block_out_channels)
     return UNet2DConditionModel(
         sample_size=cfg.sample_size,
         in_channels=cfg.latent_channels,
         out_channels=cfg.latent_channels,
-        down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (n - 1),
-        up_block_types=("CrossAttnUpBlock2D",) * (n - 1) + ("UpBlock2D",),
+        down_block_types=down_block_types,
+        up_block_types=up_block_types,
         block_out_channels=cfg.block_out_channels,
         layers_per_block=cfg.layers_per_block,
         attention_head_dim=cfg.attention_head_dim,
-        transformer_layers_per_block=cfg.transformer_layers_per_block,
         norm_num_groups=cfg.norm_num_groups,
+        **kwargs,
+    )
+
+
+def unet_from_config(cfg: TinySDXLConfig):
+    """SDXL's layout: attention in the lower levels, the ``text_time`` added condition."""
+    n = len(cfg.block_out_channels)
+    return small_unet(
+        cfg,
+        ("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (n - 1),
+        ("CrossAttnUpBlock2D",) * (n - 1) + ("UpBlock2D",),
+        transformer_layers_per_block=cfg.transformer_layers_per_block,
         cross_attention_dim=sum(cfg.text_hidden_size),
         use_linear_projection=True,
         addition_embed_type="text_time",
@@ -202,21 +213,11 @@ class TinySD15Config:
 
 
 def sd15_unet_from_config(cfg: TinySD15Config):
-    from diffusers import UNet2DConditionModel
-
+    """SD1.5's layout: attention in the upper levels, no added condition."""
     n = len(cfg.block_out_channels)
-    return UNet2DConditionModel(
-        sample_size=cfg.sample_size,
-        in_channels=cfg.latent_channels,
-        out_channels=cfg.latent_channels,
-        down_block_types=("CrossAttnDownBlock2D",) * (n - 1) + ("DownBlock2D",),
-        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (n - 1),
-        block_out_channels=cfg.block_out_channels,
-        layers_per_block=cfg.layers_per_block,
-        attention_head_dim=cfg.attention_head_dim,
-        norm_num_groups=cfg.norm_num_groups,
-        cross_attention_dim=cfg.text_hidden_size,
-    )
+    down = ("CrossAttnDownBlock2D",) * (n - 1) + ("DownBlock2D",)
+    up = ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (n - 1)
+    return small_unet(cfg, down, up, cross_attention_dim=cfg.text_hidden_size)
 
 
 def build_tiny_sd15(out_dir: str | Path, cfg: TinySD15Config | None = None) -> Path:

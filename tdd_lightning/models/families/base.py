@@ -50,31 +50,30 @@ class ModelFamily:
     kohya_base_model = ""  # ss_base_model_version of a kohya file
     modelspec_architecture = ""  # modelspec.architecture of a kohya file
 
+    # set by each family: its loader function, its Encoder subclass, its tiny builder in models/tiny.py
+    loader = None
+    encoder_class = None
+    tiny_builder = ""
+
     # ---- loading -------------------------------------------------------------------------------------
-    def load(
-        self,
-        pretrained: str | os.PathLike,
-        *,
-        revision: str | None = None,
-        variant: str | None = None,
-        dtype: torch.dtype = torch.float32,
-        load_vae: bool = True,
-        load_text_encoders: bool = True,
-    ):
-        """The components (``.unet``, ``.vae``, ``.noise_scheduler``, ``.to_pipeline(scheduler)``)."""
-        raise NotImplementedError
+    def load(self, pretrained: str | os.PathLike, **kwargs):
+        """The components (``.unet``, ``.vae``, ``.noise_scheduler``, ``.to_pipeline(scheduler)``) from a
+        folder or hub id; ``revision``, ``variant``, ``dtype``, ``load_vae``, ``load_text_encoders``."""
+        return type(self).loader(pretrained, **kwargs)
 
     def encoder(self, components):
         """The frozen encoder (VAE + text encoders) of loaded ``components``."""
-        raise NotImplementedError
+        return self.encoder_class.from_components(components)
 
-    def encoder_from_pretrained(self, pretrained, *, dtype=torch.float32, revision=None, variant=None):
-        """Only the VAE and text encoders (not the UNet) from a folder or hub id."""
-        raise NotImplementedError
+    def encoder_from_pretrained(self, pretrained, **kwargs):
+        """Only the VAE and text encoders (not the UNet) from a folder or hub id (``dtype``, ...)."""
+        return self.encoder_class.from_pretrained(pretrained, **kwargs)
 
     def build_tiny(self, out_dir: str | os.PathLike, cfg=None) -> Path:
         """A tiny random pipeline of this family, written with ``save_pretrained``."""
-        raise NotImplementedError
+        from tdd_lightning.models import tiny
+
+        return getattr(tiny, self.tiny_builder)(out_dir, cfg)
 
     def check_unet(self, unet_config: Mapping) -> None:
         """UserError when the UNet is not of this family (its added condition says which one it is)."""

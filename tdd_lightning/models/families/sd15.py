@@ -126,19 +126,9 @@ class SD15Family(ModelFamily):
     kohya_base_model = "sd_v1"
     modelspec_architecture = "stable-diffusion-v1/lora"
 
-    def load(self, pretrained, **kwargs) -> SD15Components:
-        return load_sd15_components(pretrained, **kwargs)
-
-    def encoder(self, components) -> SD15Encoder:
-        return SD15Encoder.from_components(components)
-
-    def encoder_from_pretrained(self, pretrained, **kwargs) -> SD15Encoder:
-        return SD15Encoder.from_pretrained(pretrained, **kwargs)
-
-    def build_tiny(self, out_dir, cfg=None) -> Path:
-        from tdd_lightning.models.tiny import build_tiny_sd15
-
-        return build_tiny_sd15(out_dir, cfg)
+    loader = staticmethod(load_sd15_components)
+    encoder_class = SD15Encoder
+    tiny_builder = "build_tiny_sd15"
 
     def text_shapes(self, pretrained) -> dict[str, tuple[int, ...]]:
         te = json.loads((Path(pretrained) / "text_encoder" / "config.json").read_text())

@@ -186,19 +186,9 @@ class SDXLFamily(ModelFamily):
     kohya_base_model = "sdxl_base_v1-0"
     modelspec_architecture = "stable-diffusion-xl-v1-base/lora"
 
-    def load(self, pretrained, **kwargs) -> SDXLComponents:
-        return load_sdxl_components(pretrained, **kwargs)
-
-    def encoder(self, components) -> SDXLEncoder:
-        return SDXLEncoder.from_components(components)
-
-    def encoder_from_pretrained(self, pretrained, **kwargs) -> SDXLEncoder:
-        return SDXLEncoder.from_pretrained(pretrained, **kwargs)
-
-    def build_tiny(self, out_dir, cfg=None) -> Path:
-        from tdd_lightning.models.tiny import build_tiny_sdxl
-
-        return build_tiny_sdxl(out_dir, cfg)
+    loader = staticmethod(load_sdxl_components)
+    encoder_class = SDXLEncoder
+    tiny_builder = "build_tiny_sdxl"
 
     def text_shapes(self, pretrained) -> dict[str, tuple[int, ...]]:
         """prompt_embeds (77, D1 + D2) and pooled_prompt_embeds (D2,) from the two encoders' configs."""
