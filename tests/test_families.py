@@ -188,8 +188,8 @@ def test_sd15_ignores_geometry_and_names_what_a_batch_lacks():
         sdxl.condition_from_batch({"latents": torch.zeros(1), "prompt_embeds": torch.zeros(1)})
 
 
-def make_module(pretrained, family="sd15", ema_decay=0.5, lr=2e-2, uncond="zeros"):
-    return TDDModule(
+def make_kwargs(pretrained, family="sd15", ema_decay=0.5, lr=2e-2, uncond="zeros"):
+    return dict(
         model={"family": family, "pretrained": str(pretrained), "lora": {"rank": 4, "alpha": 8}},
         target_selection=TDDSelection(),
         guidance=DecoupledGuidance(uncond=uncond),
@@ -197,6 +197,10 @@ def make_module(pretrained, family="sd15", ema_decay=0.5, lr=2e-2, uncond="zeros
         optimizer=functools.partial(torch.optim.AdamW, lr=lr),
         ema_decay=ema_decay,
     )
+
+
+def make_module(pretrained, **kwargs):
+    return TDDModule(**make_kwargs(pretrained, **kwargs))
 
 
 def quiet_trainer(root, steps):
@@ -343,6 +347,16 @@ def test_cached_sd15_shards_hold_latents_and_one_prompt_tensor(sd15_dir, tmp_pat
     m = make_module(sd15_dir, uncond="empty_prompt")
     quiet_trainer(tmp_path, 1).fit(m, datamodule=dm)
     assert torch.equal(m.uncond_text["prompt_embeds"], dm.uncond["prompt_embeds"])
+    # raw mode: the module's SD1.5 encoder turns pixels + captions (geometry ignored) into the same batch
+    raw = ShardDataModule(str(tmp_path / "raw" / "r-*.tar"), batch_size=3, num_workers=0, resolution=64)
+    kwargs = make_kwargs(sd15_dir, uncond="empty_prompt")
+    kwargs["model"]["load_encoders"] = True
+    m = TDDModule(**kwargs)
+    trainer = quiet_trainer(tmp_path, 1)
+    trainer.fit(m, datamodule=raw)
+    assert torch.isfinite(trainer.callback_metrics["train/loss"])
+    online = m.encoder(next(iter(raw.train_dataloader())))
+    assert sorted(k for k, v in online.items() if isinstance(v, torch.Tensor)) == ["latents", "prompt_embeds"]
 
 
 def _losses(out_dir):
