@@ -29,6 +29,7 @@ from tdd_lightning.models.conditioning import replace_where
 from tdd_lightning.models.config import ModelConfig
 from tdd_lightning.models.dtypes import DTYPES
 from tdd_lightning.models.families import get_family
+from tdd_lightning.models.families.base import check_keys
 from tdd_lightning.models.roles import STUDENT, TARGET, LoRARoles
 from tdd_lightning.strategies import DistillationLoss, Guidance, TargetSelection, inference_hparams
 
@@ -54,15 +55,15 @@ TRAINING_KEYS = (
 )  # fmt: skip
 
 
-def schedule_from_config(config: Mapping[str, Any]) -> NoiseSchedule:
-    """The training noise schedule; each key it cannot honour warns once, by name (rank 0)."""
+def schedule_from_config(family, config: Mapping[str, Any]) -> NoiseSchedule:
+    """The family's training noise schedule; each key it cannot honour warns once, by name (rank 0)."""
     config = dict(config)
     defaults = set(config.get("_use_default_values", ()))  # a loader's class defaults, not the model's
     given = {k: v for k, v in config.items() if k not in defaults}
     for message in unhonoured_keys(given, TRAINING_KEYS):
         rank_zero_warn(f"scheduler config: {message}")
     try:
-        return NoiseSchedule.from_config(config)
+        return family.noise_schedule(config)
     except ValueError as e:
         raise ConfigError("beta_schedule", config.get("beta_schedule"), str(e)) from None
 
@@ -172,8 +173,8 @@ class TDDModule(L.LightningModule):
         cfg = self.model_config
         lora = cfg.lora
         self.family.check_unet(unet.config)
-        self.schedule = schedule_from_config(scheduler_config)
-        self.prediction_type = str(dict(scheduler_config).get("prediction_type", "epsilon"))
+        self.schedule = schedule_from_config(self.family, scheduler_config)
+        self.prediction_type = self.family.prediction_type(scheduler_config)
         try:
             check_prediction_type(self.prediction_type, self.schedule.terminal_abar)
         except ValueError as e:
@@ -224,8 +225,6 @@ class TDDModule(L.LightningModule):
                     "guidance.uncond=empty_prompt needs the encoded empty prompt: use cached data "
                     "(which stores it) or model.load_encoders=true"
                 )
-            from tdd_lightning.models.families.base import check_keys
-
             check_keys(self.family, text, "the encoded empty prompt (uncond)")
             self.uncond_text = {k: text[k].float() for k in self.family.text_keys}
 

@@ -10,8 +10,9 @@ to this interface, never to one family's tensors. A family owns:
   parts zeros or the encoded "", one convention everywhere);
 - how to call its denoiser (``denoise``), its default LoRA target modules, its diffusers pipeline class
   (``pipeline_class``) and the kohya/modelspec names an exported file carries.
-The prediction type (eps, v or x0) is the model's scheduler config's ``prediction_type``; conversions
-live in ``diffusion.prediction``.
+The noise schedule and the prediction type (eps, v or x0) are the model's scheduler config's
+(``noise_schedule``, ``prediction_type``: the hooks a flow-matching family overrides); the conversions
+of a model output to (eps, x0) live in ``diffusion.prediction``.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from tdd_lightning.diffusion import NoiseSchedule
 from tdd_lightning.errors import UserError
 from tdd_lightning.models import conditioning
 from tdd_lightning.models.conditioning import Cond
@@ -89,6 +91,15 @@ class ModelFamily:
     def text_shapes(self, pretrained: str | os.PathLike) -> dict[str, tuple[int, ...]]:
         """The per-sample shape of each text part, read from the folder's configs (no weights)."""
         raise NotImplementedError
+
+    # ---- the noise process --------------------------------------------------------------------------
+    def noise_schedule(self, scheduler_config: Mapping) -> NoiseSchedule:
+        """a_t, sigma_t of the model's scheduler config (a flow-matching family overrides this)."""
+        return NoiseSchedule.from_config(scheduler_config)
+
+    def prediction_type(self, scheduler_config: Mapping) -> str:
+        """What the denoiser predicts (``diffusion.PREDICTION_TYPES``): the scheduler config's."""
+        return str(dict(scheduler_config).get("prediction_type", "epsilon"))
 
     # ---- the condition -------------------------------------------------------------------------------
     def geometry(
