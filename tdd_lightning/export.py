@@ -3,7 +3,8 @@
 Two formats, both safetensors with the same ``tdd.*`` metadata (rank, alpha, target modules, the
 recommended scheduler and its settings, the TDD knobs the model was trained with):
 
-- diffusers: ``pytorch_lora_weights.safetensors`` for ``StableDiffusionXLPipeline.load_lora_weights``.
+- diffusers: ``pytorch_lora_weights.safetensors`` for ``load_lora_weights`` of the family's pipeline
+  (``StableDiffusionXLPipeline`` or ``StableDiffusionPipeline``; ``tdd.family`` and ``tdd.pipeline`` name it).
   The tensors are the peft state dict as-is (keys ``unet.<module>.lora_A.weight``), which is what
   ``get_peft_model_state_dict(unet, adapter_name=role)`` gives, and the peft LoraConfig travels in the
   ``lora_adapter_metadata`` header key, so that loading at scale 1.0 reproduces the trained model whatever
@@ -114,8 +115,6 @@ def check_finite(tensors: Mapping[str, torch.Tensor], role: str, dtype: str | No
 
 def lora_spec(ckpt: Mapping[str, Any], tensors: Mapping[str, torch.Tensor] | None = None) -> LoRASpec:
     """Rank, alpha and target modules from the checkpoint's hyper-parameters (alpha None = rank)."""
-    from tdd_lightning.models.roles import SDXL_LORA_TARGETS
-
     hp = ckpt.get("hyper_parameters") or {}
     lora = dict((hp.get("model") or {}).get("lora") or (ckpt.get("tdd_lightning") or {}).get("lora") or {})
     rank = lora.get("rank")
@@ -125,7 +124,7 @@ def lora_spec(ckpt: Mapping[str, Any], tensors: Mapping[str, torch.Tensor] | Non
         raise CheckpointError("the checkpoint records no LoRA rank (hyper_parameters.model.lora.rank)")
     alpha = lora.get("alpha")
     alpha = float(rank if alpha is None else alpha)
-    targets = tuple(lora.get("target_modules") or SDXL_LORA_TARGETS)
+    targets = tuple(lora.get("target_modules") or checkpoint_family(ckpt).lora_targets)
     if tensors:
         ranks = {t.shape[0] for k, t in tensors.items() if k.endswith("lora_A.weight")}
         if ranks != {int(rank)}:
@@ -133,9 +132,17 @@ def lora_spec(ckpt: Mapping[str, Any], tensors: Mapping[str, torch.Tensor] | Non
     return LoRASpec(int(rank), alpha, targets)
 
 
+def checkpoint_family(ckpt: Mapping[str, Any]):
+    """The ModelFamily a checkpoint was trained on (``hyper_parameters.model.family``; SDXL without it)."""
+    from tdd_lightning.models.families import get_family
+
+    return get_family(((ckpt.get("hyper_parameters") or {}).get("model") or {}).get("family"))
+
+
 # ---- the two formats -------------------------------------------------------------------------------
 def diffusers_state_dict(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """peft state dict -> the diffusers SDXL LoRA file's keys (``unet.`` prefix, as save_lora_weights)."""
+    """peft state dict -> the diffusers LoRA file's keys (``unet.`` prefix, as save_lora_weights; the same
+    for the SDXL and SD1.5 pipelines' loaders)."""
     return {f"unet.{k}": v for k, v in tensors.items()}
 
 
@@ -157,6 +164,7 @@ def tdd_metadata(ckpt: Mapping[str, Any], role: str, spec: LoRASpec) -> dict[str
     selection = dict(hp.get("target_selection") or {})
     guidance = dict(hp.get("guidance") or {})
     schedule, guidance_scale = recorded_inference(hp)  # what the strategies recorded in training
+    family = checkpoint_family(ckpt)
     meta = {
         "tdd.format_version": METADATA_VERSION,
         "tdd.role": role,
@@ -164,6 +172,8 @@ def tdd_metadata(ckpt: Mapping[str, Any], role: str, spec: LoRASpec) -> dict[str
         "tdd.lora.alpha": f"{spec.alpha:g}",
         "tdd.lora.target_modules": json.dumps(list(spec.target_modules)),
         "tdd.base_model": str((hp.get("model") or {}).get("pretrained", "")),
+        "tdd.family": family.name,
+        "tdd.pipeline": family.pipeline_class,
         "tdd.global_step": str(ckpt.get("global_step", "")),
         "tdd.scheduler": "TDDScheduler",
         "tdd.scheduler_module": "tdd_lightning.scheduling_tdd",
@@ -266,7 +276,7 @@ def export_lora(
                 diffusers_state_dict(tensors), folder / DIFFUSERS_WEIGHT_NAME, header
             )
         if "kohya" in formats:
-            header = {"format": "pt", **_kohya_metadata(spec), **meta}
+            header = {"format": "pt", **_kohya_metadata(spec, checkpoint_family(ckpt)), **meta}
             written[role, "kohya"] = save_safetensors_atomic(
                 kohya_state_dict(tensors, spec.alpha), folder / KOHYA_WEIGHT_NAME, header
             )
@@ -278,15 +288,15 @@ def _diffusers_adapter_metadata(spec: LoRASpec) -> str:
     return json.dumps({f"unet.{k}": v for k, v in spec.peft_config().items()}, indent=2, sort_keys=True)
 
 
-def _kohya_metadata(spec: LoRASpec) -> dict[str, str]:
-    """The sd-scripts / modelspec keys UIs read to recognise an SDXL LoRA."""
+def _kohya_metadata(spec: LoRASpec, family) -> dict[str, str]:
+    """The sd-scripts / modelspec keys UIs read to recognise the family's LoRA."""
     return {
         "ss_network_module": "networks.lora",
         "ss_network_dim": str(spec.rank),
         "ss_network_alpha": f"{spec.alpha:g}",
-        "ss_base_model_version": "sdxl_base_v1-0",
+        "ss_base_model_version": family.kohya_base_model,
         "modelspec.sai_model_spec": "1.0.0",
-        "modelspec.architecture": "stable-diffusion-xl-v1-base/lora",
+        "modelspec.architecture": family.modelspec_architecture,
         "modelspec.title": "TDD few-step LoRA",
     }
 

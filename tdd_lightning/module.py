@@ -12,20 +12,25 @@ from lightning.pytorch.utilities import rank_zero_warn
 
 from tdd_lightning.checkpoint_io import GoodStates, check_lora_matches, checkpoint_path
 from tdd_lightning.data.ranks import rank_and_world
-from tdd_lightning.diffusion import NoiseSchedule, add_noise, cfg_combine, ddim_jump, k_step_schedule
+from tdd_lightning.diffusion import (
+    NoiseSchedule,
+    add_noise,
+    cfg_combine,
+    check_prediction_type,
+    ddim_jump,
+    k_step_schedule,
+    to_eps_x0,
+    unhonoured_keys,
+)
 from tdd_lightning.diffusion.ops import append_dims
 from tdd_lightning.diffusion.sampling import guided, tdd_sample
-from tdd_lightning.errors import UserError, check, check_int, check_number
-from tdd_lightning.models.conditioning import (
-    condition_from_batch,
-    replace_where,
-    teacher_cfg_eps,
-    unconditional_like,
-    unet_eps,
-)
+from tdd_lightning.errors import ConfigError, UserError, check, check_int, check_number
+from tdd_lightning.models.conditioning import replace_where
 from tdd_lightning.models.config import ModelConfig
 from tdd_lightning.models.dtypes import DTYPES
-from tdd_lightning.models.roles import SDXL_LORA_TARGETS, STUDENT, TARGET, LoRARoles, warmup_decay
+from tdd_lightning.models.families import get_family
+from tdd_lightning.models.families.base import check_keys
+from tdd_lightning.models.roles import STUDENT, TARGET, LoRARoles, warmup_decay
 from tdd_lightning.strategies import DistillationLoss, Guidance, TargetSelection, inference_hparams
 
 
@@ -39,6 +44,28 @@ def to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 
 MIN_STEPS_FOR_FRACTION = 20  # the skipped fraction is judged mid-run only after this many steps
+
+
+# the scheduler-config keys training reads (noise schedule, prediction type) and those only a sampler
+# uses (TDDScheduler honours them at inference): neither is reported as dropped
+TRAINING_KEYS = (
+    "num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas",
+    "rescale_betas_zero_snr", "prediction_type", "clip_sample", "clip_sample_range", "thresholding",
+    "dynamic_thresholding_ratio", "sample_max_value",
+)  # fmt: skip
+
+
+def schedule_from_config(family, config: Mapping[str, Any]) -> NoiseSchedule:
+    """The family's training noise schedule; each key it cannot honour warns once, by name (rank 0)."""
+    config = dict(config)
+    defaults = set(config.get("_use_default_values", ()))  # a loader's class defaults, not the model's
+    given = {k: v for k, v in config.items() if k not in defaults}
+    for message in unhonoured_keys(given, TRAINING_KEYS):
+        rank_zero_warn(f"scheduler config: {message}")
+    try:
+        return family.noise_schedule(config)
+    except ValueError as e:
+        raise ConfigError("beta_schedule", config.get("beta_schedule"), str(e)) from None
 
 
 class NonFiniteError(UserError):
@@ -80,6 +107,7 @@ class TDDModule(L.LightningModule):
     ):
         super().__init__()
         self.model_config = ModelConfig.coerce(model)
+        self.family = get_family(self.model_config.family)
         check_number("ema_decay", ema_decay, 0.0, 1.0)
         check_number("eval_ema_decay", eval_ema_decay, 0.0, 1.0)
         check(eval_ema_decay < 1.0, "eval_ema_decay", eval_ema_decay, "must be 0 (off) or below 1")
@@ -114,6 +142,7 @@ class TDDModule(L.LightningModule):
         self.roles: LoRARoles | None = None
         self.encoder = None
         self.uncond_text: dict[str, torch.Tensor] | None = None
+        self.prediction_type = "epsilon"  # the teacher's, from its scheduler config (attach)
         self.last_times: dict[str, torch.Tensor] = {}
 
     @property
@@ -126,11 +155,9 @@ class TDDModule(L.LightningModule):
         """Load the base UNet once and add the student and target LoRA adapters (FSDP2-friendly)."""
         if self.unet is not None:
             return
-        from tdd_lightning.models import load_sdxl_components
-
         cfg = self.model_config
         load_encoders = bool(cfg.load_encoders)
-        parts = load_sdxl_components(
+        parts = self.family.load(
             cfg.pretrained,
             revision=cfg.revision,
             variant=cfg.variant,
@@ -142,23 +169,31 @@ class TDDModule(L.LightningModule):
         if self.device_mesh is not None:  # ModelParallelStrategy (FSDP2): shard here, before the optimizer
             self.shard(self.device_mesh["data_parallel"])
         if load_encoders:
-            from tdd_lightning.models.encoder import SDXLEncoder
-
-            self.encoder = SDXLEncoder.from_components(parts)
+            self.encoder = self.family.encoder(parts)
 
     def attach(self, unet: torch.nn.Module, scheduler_config: Mapping[str, Any]) -> None:
-        """Use ``unet`` as the base model (tests and notebooks call this directly)."""
+        """Use ``unet`` as the base model (tests and notebooks call this directly).
+
+        The noise schedule and prediction type come from ``scheduler_config`` (the model's own): eps, v or
+        x0 prediction, ``rescale_betas_zero_snr`` honoured; a key training cannot honour warns by name.
+        """
         cfg = self.model_config
         lora = cfg.lora
+        self.family.check_unet(unet.config)
+        self.schedule = schedule_from_config(self.family, scheduler_config)
+        self.prediction_type = self.family.prediction_type(scheduler_config)
+        try:
+            check_prediction_type(self.prediction_type, self.schedule.terminal_abar)
+        except ValueError as e:
+            raise ConfigError("prediction_type", self.prediction_type, str(e)) from None
         self.unet = unet
-        self.schedule = NoiseSchedule.from_config(scheduler_config)
         with torch.random.fork_rng(devices=[]):  # LoRA init depends on the seed only, not on the code path
             torch.manual_seed(self.seed)
             self.roles = LoRARoles(
                 unet,
                 rank=int(lora.rank),
                 alpha=lora.alpha,
-                target_modules=lora.target_modules or SDXL_LORA_TARGETS,
+                target_modules=lora.target_modules or self.family.lora_targets,
                 fused=bool(lora.fused),
                 eval_ema=self.eval_ema_decay > 0,
             )
@@ -193,14 +228,14 @@ class TDDModule(L.LightningModule):
             dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
             text = getattr(dm, "uncond", None)
             if text is None and self.encoder is not None:
-                pe, pooled = self.encoder.encode_text([""])
-                text = {"prompt_embeds": pe[0], "pooled_prompt_embeds": pooled[0]}
+                text = {k: v[0] for k, v in self.encoder.encode_captions([""]).items()}
             if text is None:
                 raise ValueError(
                     "guidance.uncond=empty_prompt needs the encoded empty prompt: use cached data "
                     "(which stores it) or model.load_encoders=true"
                 )
-            self.uncond_text = {k: v.float() for k, v in text.items()}
+            check_keys(self.family, text, "the encoded empty prompt (uncond)")
+            self.uncond_text = {k: text[k].float() for k in self.family.text_keys}
 
     def configure_optimizers(self):
         optimizer = self.optimizer_factory(params=self.roles.student_params)
@@ -235,16 +270,16 @@ class TDDModule(L.LightningModule):
         self, batch: dict, generators: tuple[torch.Generator, torch.Generator] | torch.Generator
     ) -> dict[str, torch.Tensor]:
         """One TDD step's loss for ``batch``; ``generators`` = (host, device), or one for both on the CPU."""
-        roles, schedule, ts = self.roles, self.schedule, self.target_selection
+        roles, schedule, ts, family = self.roles, self.schedule, self.target_selection, self.family
 
         # 1. latents x0 and condition c (encoded on the fly only for raw batches)
         if "latents" not in batch:
             batch = self.encoder(batch)
         x0 = batch["latents"].float()
-        c = condition_from_batch(batch)
+        c = family.condition_from_batch(batch)
         device = x0.device
         B_global, mine = self.world_slice(x0.shape[0])
-        u = unconditional_like(c, self.uncond_text)
+        u = family.unconditional_like(c, self.uncond_text)
 
         host, on_device = (generators, generators) if isinstance(generators, torch.Generator) else generators
 
@@ -264,24 +299,29 @@ class TDDModule(L.LightningModule):
         # 4. target timestep s
         s = to_device(ts.select(t_prev_global, host)[mine], device)
 
-        # 5. student (LoRA on, with gradients): jump t -> s
+        # 5. student (LoRA on, with gradients): its output as (eps, x0) at t, then the jump t -> s
+        kind = self.prediction_type
         with roles.role(STUDENT) as unet:
-            pred = ts.consistency(x_t, unet_eps(unet, x_t, t, c).float(), t, s, schedule)
+            eps_s, x0_s = to_eps_x0(family.denoise(unet, x_t, t, c).float(), x_t, a_t, sigma_t, kind)
+            pred = ts.consistency(x_t, eps_s, t, s, schedule, x0=x0_s)
 
         with torch.no_grad():
             # 6. teacher (adapters off): one DDIM step t -> t' with CFG, cond and uncond batched
             with roles.role("teacher") as unet:
                 if self.guidance.uses_cfg:
-                    eps_c, eps_u = teacher_cfg_eps(unet, x_t, t, c, u, same=drop_host)
-                    eps_teacher = cfg_combine(eps_c.float(), eps_u.float(), append_dims(w, eps_c.ndim))
+                    out_c, out_u = family.cfg_outputs(unet, x_t, t, c, u, same=drop_host)
+                    out = cfg_combine(out_c.float(), out_u.float(), append_dims(w, out_c.ndim))
                 else:
-                    eps_teacher = unet_eps(unet, x_t, t, c).float()
+                    out = family.denoise(unet, x_t, t, c).float()
+            eps_teacher, x0_teacher = to_eps_x0(out, x_t, a_t, sigma_t, kind)  # linear: CFG commutes
             a_tp, sigma_tp = schedule.a_sigma(t_prev, x0)
-            x_tp = ddim_jump(x_t, eps_teacher, a_t, sigma_t, a_tp, sigma_tp)
+            x_tp = ddim_jump(x_t, eps_teacher, a_t, sigma_t, a_tp, sigma_tp, x0=x0_teacher)
 
             # 7. target (EMA LoRA): jump t' -> s
             with roles.role(TARGET) as unet:
-                target = ts.consistency(x_tp, unet_eps(unet, x_tp, t_prev, c).float(), t_prev, s, schedule)
+                out = family.denoise(unet, x_tp, t_prev, c).float()
+                eps_tg, x0_tg = to_eps_x0(out, x_tp, a_tp, sigma_tp, kind)
+                target = ts.consistency(x_tp, eps_tg, t_prev, s, schedule, x0=x0_tg)
 
         # 8. loss
         loss = self.distill_loss(pred, target)
@@ -425,15 +465,23 @@ class TDDModule(L.LightningModule):
         latents: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """K-step sampling from the training grid's schedule; standard CFG with u as the negative."""
-        unet = self.unet
-        B = cond["prompt_embeds"].shape[0]
+        unet, family = self.unet, self.family
+        B = family.batch_size(cond)
         if latents is None:
             c, size = unet.config.in_channels, unet.config.sample_size
             latents = torch.randn((B, c, size, size), generator=generator, device=self.device)
         if timesteps is None:
             timesteps = k_step_schedule(num_steps, self.target_selection.N, self.schedule.num_train_timesteps)
-        u = unconditional_like(cond, self.uncond_text)
-        uncond_fn = (lambda x, t: unet_eps(unet, x, t, u)) if guidance_scale != 1.0 else None
-        eps_fn = guided(lambda x, t: unet_eps(unet, x, t, cond), uncond_fn, guidance_scale)
+        u = family.unconditional_like(cond, self.uncond_text)
+        uncond_fn = (lambda x, t: family.denoise(unet, x, t, u)) if guidance_scale != 1.0 else None
+        out_fn = guided(lambda x, t: family.denoise(unet, x, t, cond), uncond_fn, guidance_scale)
         with self.roles.role(role):
-            return tdd_sample(eps_fn, latents, timesteps, self.schedule, eta=eta, generator=generator)
+            return tdd_sample(
+                out_fn,
+                latents,
+                timesteps,
+                self.schedule,
+                eta,
+                generator,
+                prediction_type=self.prediction_type,
+            )

@@ -1,8 +1,10 @@
-"""A stock diffusers ``StableDiffusionXLPipeline`` with an exported TDD LoRA and the TDDScheduler.
+"""A stock diffusers pipeline of the LoRA's model family with an exported TDD LoRA and the TDDScheduler.
 
-Nothing here is a custom pipeline: the base model loads with ``from_pretrained`` (hub id or folder), the
-LoRA with ``load_lora_weights``, and the scheduler is ``TDDScheduler.from_config(pipe.scheduler.config)``
-with the trained grid read from the LoRA file's metadata. What any diffusers user can do by hand::
+Nothing here is a custom pipeline: the family (``tdd.family`` in the LoRA's metadata; SDXL for files
+without it) picks ``StableDiffusionXLPipeline`` or ``StableDiffusionPipeline``; the base model loads with
+``from_pretrained`` (hub id or folder), the LoRA with ``load_lora_weights``, and the scheduler is
+``TDDScheduler.from_config(pipe.scheduler.config)`` with the trained grid read from the LoRA file's
+metadata. What any diffusers user can do by hand::
 
     pipe = load_tdd_pipeline("stabilityai/stable-diffusion-xl-base-1.0", "out/student")
     image = pipe("a cat", **recommended_call_kwargs(lora_metadata("out/student"))).images[0]
@@ -10,7 +12,6 @@ with the trained grid read from the LoRA file's metadata. What any diffusers use
 
 from __future__ import annotations
 
-import inspect
 import itertools
 import os
 from collections.abc import Sequence
@@ -57,11 +58,11 @@ def tdd_scheduler(scheduler_config: Any, metadata: dict[str, Any] | None = None,
     """``TDDScheduler.from_config`` of the pipeline's noise schedule plus the trained grid from the LoRA."""
     from tdd_lightning.scheduling_tdd import TDDScheduler  # imports diffusers (~4 s): not for error paths
 
-    # keep the noise-schedule keys TDDScheduler knows; drop the other scheduler's own keys and the values
-    # it only holds as its defaults (``_use_default_values``: e.g. DDPMScheduler's clip_sample=True)
-    known = inspect.signature(TDDScheduler.__init__).parameters
-    defaults = set(dict(scheduler_config).get("_use_default_values", ()))
-    config = {k: v for k, v in dict(scheduler_config).items() if k in known and k not in defaults}
+    # TDDScheduler.from_config keeps the keys it honours, warns by name for the others, and drops the
+    # values the config only holds as its class defaults (``_use_default_values``: e.g. DDPM's clip_sample)
+    config = dict(scheduler_config)
+    defaults = set(config.pop("_use_default_values", ()))
+    config = {k: v for k, v in config.items() if k not in defaults}
     trained = (metadata or {}).get("scheduler_config") or {}
     config.update({k: trained[k] for k in SCHEDULER_KEYS if k in trained})
     config.update(overrides)
@@ -79,8 +80,8 @@ def add_tdd_lora(
     if scale != 1.0:
         pipe.set_adapters([adapter_name], adapter_weights=[scale])
     pipe.scheduler = tdd_scheduler(pipe.scheduler.config, metadata)
-    if metadata.get("uncond") == "empty_prompt" and hasattr(pipe, "register_to_config"):
-        pipe.register_to_config(force_zeros_for_empty_prompt=False)
+    if metadata.get("uncond") == "empty_prompt" and "force_zeros_for_empty_prompt" in pipe.config:
+        pipe.register_to_config(force_zeros_for_empty_prompt=False)  # SDXL: "" as the negative, not zeros
     return metadata
 
 
@@ -94,15 +95,19 @@ def load_tdd_pipeline(
     revision: str | None = None,
     variant: str | None = None,
     fuse: bool = False,
+    family: str | None = None,
 ):
-    """SDXL base (hub id or folder, via ``load_sdxl_components``) + LoRA + TDDScheduler.
+    """The base model (hub id or folder, via its family's loader) + LoRA + TDDScheduler.
 
-    ``lora=None`` gives the base model with the TDDScheduler (for comparisons). ``fuse=True`` merges the
-    LoRA into the weights (faster; equal up to float rounding).
+    ``family``: ``sdxl`` or ``sd15``; None: the LoRA's recorded ``tdd.family`` (SDXL without a LoRA or
+    without the key). ``lora=None`` gives the base model with the TDDScheduler (for comparisons).
+    ``fuse=True`` merges the LoRA into the weights (faster; equal up to float rounding).
     """
-    from tdd_lightning.models import load_sdxl_components
+    from tdd_lightning.models.families import get_family
 
-    parts = load_sdxl_components(base, revision=revision, variant=variant, dtype=dtype)
+    if family is None and lora is not None:
+        family = lora_metadata(lora).get("family")
+    parts = get_family(family).load(base, revision=revision, variant=variant, dtype=dtype)
     pipe = parts.to_pipeline(scheduler=tdd_scheduler(parts.noise_scheduler.config))
     if lora is not None:
         add_tdd_lora(pipe, lora, scale=lora_scale)

@@ -1,6 +1,7 @@
 """The flow behind `python sample.py lora=<exported LoRA file or folder>` (conf/sample.yaml).
 
-A stock diffusers SDXL pipeline + the LoRA + TDDScheduler (conf/sample.yaml lists every option). Writes
+A stock diffusers pipeline of the LoRA's model family (SDXL or SD1.5/SD2.x, from its ``tdd.family``)
++ the LoRA + TDDScheduler (conf/sample.yaml lists every option). Writes
 one PNG per image to <output>/images/ and a labelled grid (rows: prompts, columns: settings) to
 <output>/grid.png. Lists of steps, eta or guidance_scale make the grid's columns. Every option is
 checked before anything is loaded: a bad one is one line naming the key.
@@ -46,6 +47,11 @@ def check_options(cfg: DictConfig) -> None:
         check(ok, key, value, "must be null or a positive multiple of 8 (pixels)")
     if cfg.dtype != "auto" and cfg.dtype not in DTYPES:
         raise ConfigError("dtype", cfg.dtype, f"choose auto, {', '.join(DTYPES)}")
+    family = cfg.get("family")
+    if family is not None:
+        from tdd_lightning.models.families import FAMILIES
+
+        check(family in FAMILIES, "family", family, f"must be null or one of {', '.join(FAMILIES)}")
 
 
 def read_prompts(cfg: DictConfig) -> list[str]:
@@ -85,7 +91,7 @@ def resolve_inputs(cfg: DictConfig) -> tuple[Path | None, dict, str]:
             raise UserError(f"lora: {lora} is not a readable LoRA safetensors file ({e}){hint}") from None
     base = cfg.base or metadata.get("base_model")
     if not base:
-        raise UserError("base: give the SDXL base model (a diffusers folder or a hub id)")
+        raise UserError("base: give the base model (a diffusers folder or a hub id)")
     try:
         resolve_model_path(str(base))
     except ModelNotFoundError as e:
@@ -113,7 +119,8 @@ def run(cfg: DictConfig) -> Path:
     log.info(
         "base %s, LoRA %s, %d prompt(s), %d setting(s) on %s", base, lora, len(prompts), len(settings), device
     )
-    pipe = load_tdd_pipeline(base, lora, lora_scale=cfg.lora_scale, device=device, dtype=dtype)
+    family = cfg.get("family") or metadata.get("family")
+    pipe = load_tdd_pipeline(base, lora, lora_scale=cfg.lora_scale, device=device, dtype=dtype, family=family)
 
     out = Path(cfg.out_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)

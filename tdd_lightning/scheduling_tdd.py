@@ -13,6 +13,7 @@ re-noises from s_{i+1} back to t_{i+1} with fresh noise (gamma sampling). The la
 
 from __future__ import annotations
 
+import inspect
 import math
 import warnings
 from collections.abc import Sequence
@@ -24,20 +25,29 @@ from diffusers.configuration_utils import register_to_config
 from diffusers.utils import BaseOutput
 
 from tdd_lightning.diffusion import (
+    PREDICTION_TYPES,
     SCHEDULES,
     NoiseSchedule,
     alphas_cumprod_from_config,
+    check_prediction_type,
     ddim_jump,
-    eps_to_x0,
     target_set,
     tdd_timesteps,
+    to_eps_x0,
+    unhonoured_keys,
     x0_to_eps,
 )
 from tdd_lightning.diffusion import add_noise as forward_noise
 from tdd_lightning.strategies.inference import RECOMMENDED
 
-PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 Generators = torch.Generator | list[torch.Generator] | None
+_WARNED: set[str] = set()  # from_config's messages, each warned once per process
+
+
+def _warn_once(message: str) -> None:
+    if message not in _WARNED:
+        _WARNED.add(message)
+        warnings.warn(message, stacklevel=4)
 
 
 def _randn_like(x: torch.Tensor, generator: Generators) -> torch.Tensor:
@@ -66,8 +76,12 @@ class TDDSchedulerOutput(BaseOutput):
 class TDDScheduler(SchedulerMixin, ConfigMixin):
     """Few-step TDD sampler (ALGORITHM.md section 4): trained grid schedules, eta sampling, early x0 clipping.
 
-    Config keys beyond the diffusers noise schedule (num_train_timesteps, beta_*, trained_betas,
-    prediction_type):
+    Config keys beyond the diffusers noise schedule (num_train_timesteps, beta_* (linear, scaled_linear,
+    squaredcos_cap_v2), trained_betas, rescale_betas_zero_snr, prediction_type: epsilon, v_prediction or
+    sample; eps prediction with a zero-terminal-SNR schedule is refused):
+      timestep_spacing: only 'trailing': the timesteps are the training grid, which starts at T-1.
+        ``from_config`` of a base config with another spacing warns by name and uses 'trailing'; every
+        other key of a base config that TDD cannot honour warns by name too (``unhonoured_keys``).
       num_teacher_steps: N, the teacher grid size used in training (grid 3, 7, ..., 999 for N=250).
       k_min, k_max: the trained range of step counts; M is the union of their K-step schedules.
       schedule: 'auto' (non-equidistant for K in [k_min, k_max], equidistant outside, with a warning),
@@ -93,6 +107,8 @@ class TDDScheduler(SchedulerMixin, ConfigMixin):
         beta_schedule: str = "scaled_linear",
         trained_betas: Sequence[float] | None = None,
         prediction_type: str = "epsilon",
+        rescale_betas_zero_snr: bool = False,
+        timestep_spacing: str = "trailing",
         num_teacher_steps: int = 250,
         k_min: int = 4,
         k_max: int = 8,
@@ -108,6 +124,11 @@ class TDDScheduler(SchedulerMixin, ConfigMixin):
     ):
         if prediction_type not in PREDICTION_TYPES:
             raise ValueError(f"prediction_type={prediction_type!r} is not one of {PREDICTION_TYPES}")
+        if timestep_spacing != "trailing":
+            raise ValueError(
+                f"timestep_spacing={timestep_spacing!r}: TDDScheduler's timesteps are its training grid, "
+                "which starts at T-1 ('trailing', the only spacing it has)"
+            )
         if schedule not in SCHEDULES:
             raise ValueError(f"schedule={schedule!r} is not one of {SCHEDULES}")
         if not 1 <= k_min <= k_max <= num_teacher_steps:
@@ -117,6 +138,7 @@ class TDDScheduler(SchedulerMixin, ConfigMixin):
             raise ValueError(f"clip_steps must be None or >= 0, got {clip_steps}")
 
         abar = alphas_cumprod_from_config(self.config)
+        check_prediction_type(prediction_type, float(abar[-1]))
         self.alphas_cumprod = abar.float()  # what other diffusers code expects to find
         self._abar = abar  # float64, for the re-noising ratio
         self._schedule = NoiseSchedule(abar)
@@ -131,6 +153,24 @@ class TDDScheduler(SchedulerMixin, ConfigMixin):
         self._step_index: int | None = None
         self._begin_index: int | None = None
         self._eta_warned = False
+
+    @classmethod
+    def from_config(cls, config=None, return_unused_kwargs: bool = False, **kwargs):
+        """diffusers' ``from_config`` (e.g. of a pipeline's scheduler config), keeping the keys TDD honours.
+
+        Each other key warns by name, once (``diffusion.unhonoured_keys``): e.g. ``use_karras_sigmas=True``
+        of an Euler config, a ``timestep_spacing`` other than 'trailing' (TDD's grid is trailing). Keys
+        the config only holds as its class defaults (``_use_default_values``) are not the model's: dropped.
+        """
+        config = dict(config or {})
+        defaults = set(config.get("_use_default_values", ()))
+        given = {k: v for k, v in config.items() if k not in defaults and not k.startswith("_")} | kwargs
+        known = [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
+        for message in unhonoured_keys(given, known):
+            _warn_once(f"TDDScheduler.from_config: {message}")
+        given.pop("timestep_spacing", None)  # always 'trailing'
+        kept = {k: v for k, v in given.items() if k in known}
+        return super().from_config(kept, return_unused_kwargs=return_unused_kwargs)
 
     # ---- step index bookkeeping (the pipelines call set_begin_index for img2img) ----
 
@@ -236,7 +276,7 @@ class TDDScheduler(SchedulerMixin, ConfigMixin):
         else:
             t_next = int(self.timesteps[i + 1])
             s = math.floor((1.0 - eta) * t_next)
-            prev = ddim_jump(x, eps_hat, a_t, sigma_t, *self._a_sigma(s, x))
+            prev = ddim_jump(x, eps_hat, a_t, sigma_t, *self._a_sigma(s, x), x0=x0_hat)
             if eta > 0 and s < t_next:
                 ratio = float(self._abar[t_next] / self._abar[s])  # abar_t / abar_s <= 1
                 prev = math.sqrt(ratio) * prev + math.sqrt(1.0 - ratio) * _randn_like(prev, generator)
@@ -264,13 +304,8 @@ class TDDScheduler(SchedulerMixin, ConfigMixin):
         self, out: torch.Tensor, x: torch.Tensor, a_t: torch.Tensor, sigma_t: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(x0_hat, eps_hat) from the model output for the configured prediction type."""
-        kind = self.config.prediction_type
-        if kind == "epsilon":
-            return eps_to_x0(x, out, a_t, sigma_t), out
-        if kind == "sample":
-            return out, x0_to_eps(x, out, a_t, sigma_t)
-        # v = a_t eps - sigma_t x0  =>  x0 = a_t x - sigma_t v, eps = sigma_t x + a_t v
-        return a_t * x - sigma_t * out, sigma_t * x + a_t * out
+        eps, x0 = to_eps_x0(out, x, a_t, sigma_t, self.config.prediction_type)
+        return x0, eps
 
     def _clips_at(self, i: int) -> bool:
         cfg = self.config

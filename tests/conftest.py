@@ -24,6 +24,14 @@ def tiny_sdxl_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_sd15_dir(tmp_path_factory):
+    """A tiny random SD1.5-shaped pipeline (eps prediction) written with save_pretrained."""
+    from tdd_lightning.models.tiny import build_tiny_sd15
+
+    return build_tiny_sd15(tmp_path_factory.mktemp("tiny-sd15"))
+
+
+@pytest.fixture(scope="session")
 def tiny_components(tiny_sdxl_dir):
     from tdd_lightning.models import load_sdxl_components
 

@@ -10,7 +10,7 @@ from tdd_lightning.bench.build import BenchConfig
 from tdd_lightning.bench.report import format_report
 from tdd_lightning.bench.runner import PHASES, run_bench
 from tdd_lightning.bench.timing import PhaseTimer
-from tdd_lightning.models.conditioning import unet_eps
+from tdd_lightning.models.families.sdxl import unet_eps
 from tdd_lightning.models.roles import SDXL_LORA_TARGETS, LoRARoles
 
 
@@ -113,6 +113,23 @@ def test_merged_lora_falls_back_to_peft_outside_fp32(tiny_sdxl_dir):
     assert ours.dtype == torch.bfloat16 and torch.equal(ours, ref)
 
 
+def test_sd15_arch_has_sd15_parameter_count_and_no_added_condition():
+    from tdd_lightning.models.families.sd15 import SD15
+    from tdd_lightning.models.sd15_arch import SD15_UNET_PARAMS, sd15_unet, text_shapes
+
+    unet = sd15_unet(device="meta")
+    assert sum(p.numel() for p in unet.parameters()) == SD15_UNET_PARAMS
+    assert text_shapes() == {"prompt_embeds": (77, unet.config.cross_attention_dim)}
+    SD15.check_unet(unet.config)  # the SD1.5 family's UNet
+
+
+def test_bench_offers_sd15_arch_with_its_defaults():
+    from tdd_lightning.bench.cli import parse
+
+    cfg, _ = parse(["--model", "sd15_arch"])
+    assert (cfg.model, cfg.sample_size, cfg.rank) == ("sd15_arch", 64, 64)
+
+
 def test_sdxl_arch_has_sdxl_base_parameter_count():
     from tdd_lightning.models.sdxl_arch import SDXL_UNET_PARAMS, sdxl_unet, text_dims
 
@@ -162,7 +179,7 @@ def test_naive_phases_and_ablation_are_reported(result):
 def _naive(tiny_sdxl_dir, tmp_path):
     from tdd_lightning.bench.build import build
     from tdd_lightning.bench.naive import NaiveTrainer
-    from tdd_lightning.models.encoder import SDXLEncoder
+    from tdd_lightning.models.families.sdxl import SDXLEncoder
 
     cfg = BenchConfig(pretrained=str(tiny_sdxl_dir), batch=2, rank=4, ema_decay=0.5)
     built = build(cfg, tmp_path)

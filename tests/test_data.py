@@ -49,25 +49,42 @@ def to_uint8(pixels: torch.Tensor) -> np.ndarray:
 
 
 # ---- preprocessing ------------------------------------------------------------------------------
+def batch_ids(batch):
+    """The SDXL family's six time ids of a raw batch's geometry (the preprocessing is family-neutral)."""
+    from tdd_lightning.models.families.sdxl import SDXL
+
+    return SDXL.geometry(batch["original_size"], batch["crop_top_left"], batch["pixels"].shape[-2:])[
+        "time_ids"
+    ]
+
+
+def sdxl_ids(preprocess, image, rng=None):
+    """(pixels, the SDXL time ids of the image's geometry)."""
+    pixels, geometry = preprocess(image, rng)
+    batch = {"pixels": pixels[None], **{k: v[None] for k, v in geometry.items()}}
+    assert set(geometry) == {"original_size", "crop_top_left"}
+    return pixels, batch_ids(batch)[0]
+
+
 def test_preprocess_time_ids_are_true_size_and_real_crop():
     # no resize needed (short side = target): the crop must be exactly the recorded window
     img = noise_image(32, 48, seed=0)  # h=32, w=48
     rng = random.Random(0)
     lefts = set()
     for _ in range(20):
-        pixels, ids = SDXLPreprocess(32, center_crop=False)(img, rng)
+        pixels, ids = sdxl_ids(SDXLPreprocess(32, center_crop=False), img, rng)
         orig_h, orig_w, top, left, th, tw = ids.int().tolist()
         assert (orig_h, orig_w, top, th, tw) == (32, 48, 0, 32, 32) and 0 <= left <= 16
         assert np.array_equal(to_uint8(pixels), np.asarray(img)[:, left : left + 32])
         lefts.add(left)
     assert len(lefts) > 3  # really random
-    _, ids = SDXLPreprocess(32, center_crop=True)(img)
+    _, ids = sdxl_ids(SDXLPreprocess(32, center_crop=True), img)
     assert ids.tolist() == [32, 48, 0, 8, 32, 32]
 
     # resized (64x96 -> 32x48): original size before resize, crop corner in resized coordinates
     big = noise_image(64, 96, seed=1)
     resized = np.asarray(big.resize((48, 32), Image.BICUBIC))
-    pixels, ids = SDXLPreprocess(32, center_crop=False)(big, random.Random(3))
+    pixels, ids = sdxl_ids(SDXLPreprocess(32, center_crop=False), big, random.Random(3))
     orig_h, orig_w, top, left, _, _ = ids.int().tolist()
     assert (orig_h, orig_w) == (64, 96)
     assert np.array_equal(to_uint8(pixels), resized[top : top + 32, left : left + 32])
@@ -75,7 +92,9 @@ def test_preprocess_time_ids_are_true_size_and_real_crop():
     # flip: the corner is that of the same pixels in the flipped resized image
     flips = 0
     for seed in range(10):
-        pixels, ids = SDXLPreprocess(32, center_crop=False, random_flip=True)(big, random.Random(seed))
+        pixels, ids = sdxl_ids(
+            SDXLPreprocess(32, center_crop=False, random_flip=True), big, random.Random(seed)
+        )
         out, left = to_uint8(pixels), int(ids[3])
         flipped = np.array_equal(out, resized[:, ::-1][:, left : left + 32])
         assert flipped or np.array_equal(out, resized[:, left : left + 32])
@@ -83,7 +102,7 @@ def test_preprocess_time_ids_are_true_size_and_real_crop():
     assert 0 < flips < 10
 
     # non-square target, portrait source: the image covers the target
-    pixels, ids = SDXLPreprocess((24, 40), center_crop=True)(noise_image(100, 50, seed=2))
+    pixels, ids = sdxl_ids(SDXLPreprocess((24, 40), center_crop=True), noise_image(100, 50, seed=2))
     assert pixels.shape == (3, 24, 40) and ids.tolist() == [100, 50, 28, 0, 24, 40]  # resized to 80 x 40
     assert -1.0 <= pixels.min() and pixels.max() <= 1.0
 
@@ -104,7 +123,9 @@ def test_raw_shards_to_batch_with_known_size_and_crop(tmp_path):
     dm.setup("fit")
     (batch,) = list(dm.train_dataloader())
     assert batch["pixels"].shape == (3, 3, 32, 32) and batch["pixels"].dtype == torch.float32
-    assert batch["time_ids"].shape == (3, 6) and batch["time_ids"].dtype == torch.float32
+    assert batch["original_size"].shape == batch["crop_top_left"].shape == (3, 2)
+    assert batch["original_size"].dtype == batch["crop_top_left"].dtype == torch.float32
+    batch["time_ids"] = batch_ids(batch)
     assert dm.uncond is None and dm.skipped == 0
     i = {k: j for j, k in enumerate(batch["key"])}
     assert sorted(batch["caption"]) == ["a hand-made image", "a large one", "from json"]
@@ -244,7 +265,7 @@ def test_seeded_order_and_crops_are_reproducible(tmp_path):
         dm = ShardDataModule(str(tmp_path / "s-*.tar"), batch_size=4, num_workers=2, resolution=12, seed=seed)
         dm.setup("fit")
         batches = list(dm.train_dataloader())
-        return [k for b in batches for k in b["key"]], torch.cat([b["time_ids"] for b in batches])
+        return [k for b in batches for k in b["key"]], torch.cat([batch_ids(b) for b in batches])
 
     (k0, t0), (k1, t1), (k2, _) = run(0), run(0), run(1)
     assert k0 == k1 and torch.equal(t0, t1)

@@ -11,7 +11,7 @@ from PIL import Image
 from tdd_lightning.data.datamodule import ShardDataModule
 from tdd_lightning.data.encode import main as encode_main
 from tdd_lightning.data.shards import ShardWriter
-from tdd_lightning.models.encoder import SDXLEncoder
+from tdd_lightning.models.families.sdxl import SDXLEncoder
 
 
 def png(seed: int, h: int, w: int) -> bytes:

@@ -328,7 +328,7 @@ class FailingEncoder:
 
 def test_encode_stages_the_cache_and_replaces_only_a_cache(raw_dir, tiny_components, tiny_sdxl_dir, tmp_path):
     from tdd_lightning.data.encode import encode_shards
-    from tdd_lightning.models.encoder import SDXLEncoder
+    from tdd_lightning.models.families.sdxl import SDXLEncoder
 
     out = tmp_path / "cache"
     meta = encode(raw_dir, out, tiny_sdxl_dir)

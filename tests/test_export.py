@@ -24,7 +24,7 @@ from tdd_lightning.export import (
     read_metadata,
 )
 from tdd_lightning.models import load_sdxl_components
-from tdd_lightning.models.conditioning import unet_eps
+from tdd_lightning.models.families.sdxl import unet_eps
 from tdd_lightning.module import TDDModule
 from tdd_lightning.pipelines import add_tdd_lora, load_tdd_pipeline, resolve_lora_file, tdd_scheduler
 from tdd_lightning.scheduling_tdd import TDDScheduler

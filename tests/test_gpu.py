@@ -77,10 +77,10 @@ def test_bf16_mixed_step_is_finite_and_close_to_fp32(tiny_sdxl_dir):
 
 
 def unet_inputs(tiny_sdxl_dir, unet, batch: int = 2):
-    from tdd_lightning.data.synthetic import text_dims
+    from tdd_lightning.models.families.sdxl import SDXL
 
     g = torch.Generator().manual_seed(0)
-    d1, d2 = text_dims(tiny_sdxl_dir)
+    (_, d1), (d2,) = SDXL.text_shapes(tiny_sdxl_dir).values()
     size, ch = unet.config.sample_size, unet.config.in_channels
     x = torch.randn(batch, ch, size, size, generator=g).cuda()
     t = torch.tensor([100, 700]).cuda()
@@ -97,7 +97,7 @@ def test_student_takes_peft_path_and_no_grad_roles_fuse_only_where_exact(tiny_sd
 
     from peft.tuners import lora
 
-    from tdd_lightning.models.conditioning import unet_eps
+    from tdd_lightning.models.families.sdxl import unet_eps
     from tdd_lightning.models.fused_lora import _mergeable
 
     module = make_module(tiny_sdxl_dir)

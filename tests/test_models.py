@@ -70,7 +70,7 @@ def test_tokenizer_words_are_single_tokens():
 
 
 def test_square_time_ids_of_an_uncropped_square_image():
-    from tdd_lightning.models.conditioning import square_time_ids
+    from tdd_lightning.models.families.sdxl import square_time_ids
 
     ids = square_time_ids(1024, 3)
     expected = torch.tensor([[1024.0, 1024.0, 0.0, 0.0, 1024.0, 1024.0]] * 3)

@@ -8,7 +8,8 @@ import torch
 
 from tdd_lightning.data.synthetic import SyntheticDataModule
 from tdd_lightning.models import load_sdxl_components
-from tdd_lightning.models.conditioning import teacher_cfg_eps, unconditional_like, unet_eps
+from tdd_lightning.models.conditioning import teacher_cfg_eps, unconditional_like
+from tdd_lightning.models.families.sdxl import SDXL, unet_eps
 from tdd_lightning.module import TDDModule
 from tdd_lightning.strategies import DecoupledGuidance, LCMSelection, PseudoHuberLoss, TDDSelection
 
@@ -85,16 +86,16 @@ def test_ema_decay_zero_copies_and_one_holds(tiny_sdxl_dir):
 def test_batched_cfg_equals_two_separate_calls(tiny_sdxl_dir, batch):
     m = make_module(tiny_sdxl_dir)
     x, t, c = batch["latents"], torch.tensor([999, 751, 499, 251, 127, 3]), cond_of(batch)
-    u = unconditional_like(c, None)
+    u = unconditional_like(c, None, SDXL.text_keys)
     with torch.no_grad(), m.roles.role("teacher") as unet:
-        eps_c, eps_u = teacher_cfg_eps(unet, x, t, c, u, same=None)
+        eps_c, eps_u = teacher_cfg_eps(unet_eps, unet, x, t, c, u, same=None)
         torch.testing.assert_close(eps_c, unet_eps(unet, x, t, c), rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(eps_u, unet_eps(unet, x, t, u), rtol=1e-4, atol=1e-5)
         # samples already unconditional are computed once: their eps_u equals their eps_c
         same = torch.tensor([True, False, True, False, False, True])
         calls = []
         handle = unet.register_forward_pre_hook(lambda mod, args: calls.append(args[0].shape[0]))
-        eps_c2, eps_u2 = teacher_cfg_eps(unet, x, t, c, u, same=same)
+        eps_c2, eps_u2 = teacher_cfg_eps(unet_eps, unet, x, t, c, u, same=same)
         handle.remove()
     assert calls == [6 + 3]  # one forward of B + (B - dropped)
     torch.testing.assert_close(eps_u2[same], eps_c2[same])

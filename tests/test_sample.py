@@ -98,7 +98,7 @@ def test_same_seed_same_images_and_prompt_file(lora_dir, tmp_path):
         ([], "lora: give an exported LoRA"),
         (["lora=/no/such/lora.safetensors"], "lora: LoRA /no/such/lora.safetensors does not exist"),
         (["lora=null", "base=/no/such/base"], "base: model folder /no/such/base does not exist"),
-        (["lora=null"], "base: give the SDXL base model"),
+        (["lora=null"], "base: give the base model"),
     ],
     ids=["no-lora", "missing-lora", "missing-base", "no-base"],
 )
@@ -143,3 +143,24 @@ def test_one_setting_for_grids_and_toy_cells():
     # the toy evaluation's cells (and its teacher-cache keys) are the same dataclass and fields
     assert asdict(Setting(50, 0.0, 2.0, 3)) == {"steps": 50, "eta": 0.0, "guidance": 2.0, "seed": 3}
     assert Setting(4, 0.2, 1.0) == Setting(4, 0.2, 1.0, 0) != Setting(4, 0.2, 1.0, 1)
+
+
+def test_an_sd15_lora_samples_in_the_sd_pipeline(tiny_sd15_dir, tmp_path):
+    """The LoRA's tdd.family picks StableDiffusionPipeline; the base comes from its metadata."""
+    module = TDDModule(
+        model={"family": "sd15", "pretrained": str(tiny_sd15_dir), "lora": {"rank": 4}},
+        target_selection=TDDSelection(),
+        guidance=DecoupledGuidance(uncond="empty_prompt"),
+        loss=PseudoHuberLoss(),
+        optimizer=functools.partial(torch.optim.AdamW, lr=1e-3),
+    )
+    module.configure_model()
+    state = {k: v for k, v in module.state_dict().items() if "lora_" in k}
+    export_lora({"state_dict": state, "hyper_parameters": dict(module.hparams)}, tmp_path / "lora")
+    out = tmp_path / "samples"
+    cfg = compose_sample([f"lora={tmp_path / 'lora'}", f"out_dir={out}", "steps=2", "cell=64"])
+    assert load_sample_app().run(cfg) == out / "grid.png"
+    assert Image.open(sorted((out / "images").glob("*.png"))[0]).size == (64, 64)
+    bad = compose_sample([f"lora={tmp_path / 'lora'}", f"out_dir={out}", "family=sd3"])
+    with pytest.raises(UserError, match="family='sd3' is invalid"):
+        load_sample_app().run(bad)

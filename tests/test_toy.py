@@ -110,7 +110,8 @@ def test_toy_cfg_through_teacher_cfg_eps_is_bit_equal_to_its_own_batch(teacher):
     order): the eps and the images equal, to the bit, what the toy's own batching computed before."""
     from tdd_lightning.diffusion import NoiseSchedule
     from tdd_lightning.diffusion.sampling import tdd_sample
-    from tdd_lightning.models.conditioning import teacher_cfg_eps, unconditional_like, unet_eps
+    from tdd_lightning.models.conditioning import teacher_cfg_eps, unconditional_like
+    from tdd_lightning.models.families.sdxl import SDXL, unet_eps
     from tdd_lightning.toy.data import to_uint8
     from tdd_lightning.toy.sampling import encode_prompts, initial_noise, sample_images, trailing_timesteps
 
@@ -130,7 +131,9 @@ def test_toy_cfg_through_teacher_cfg_eps_is_bit_equal_to_its_own_batch(teacher):
         return eps_u + g * (eps_c - eps_u)
 
     t = torch.full((2,), 749)
-    eps_c, eps_u = teacher_cfg_eps(unet, x_T, t, cond, unconditional_like(cond, None), same=None)
+    eps_c, eps_u = teacher_cfg_eps(
+        unet_eps, unet, x_T, t, cond, unconditional_like(cond, None, SDXL.text_keys), same=None
+    )
     assert torch.equal(eps_u + g * (eps_c - eps_u), before(x_T, t))
     x0 = tdd_sample(before, x_T, timesteps, schedule, eta=0.3, generator=torch.Generator().manual_seed(2))
     old = to_uint8(vae.decode(x0 / vae.config.scaling_factor).sample)

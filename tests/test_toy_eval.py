@@ -79,7 +79,7 @@ def toy_data(tmp_path_factory):
     from tdd_lightning.data.encode import encode_shards
     from tdd_lightning.data.shapes import ShapesConfig, make_shapes
     from tdd_lightning.models import load_sdxl_components
-    from tdd_lightning.models.encoder import SDXLEncoder
+    from tdd_lightning.models.families.sdxl import SDXLEncoder
 
     root = tmp_path_factory.mktemp("toy")
     shapes = root / "shapes"
@@ -281,7 +281,9 @@ def test_renoising_draws_are_independent_of_the_initial_noise(monkeypatch):
         return x_T
 
     monkeypatch.setattr(sampling, "tdd_sample", fake_sample)
-    monkeypatch.setattr("tdd_lightning.models.conditioning.unconditional_like", lambda c, u: c)
+    from tdd_lightning.models.families.sdxl import SDXL
+
+    monkeypatch.setattr(SDXL, "unconditional_like", lambda *args: args[-2])  # (..., c, None) -> c
     vae = SimpleNamespace(
         config=SimpleNamespace(scaling_factor=1.0), decode=lambda z: SimpleNamespace(sample=z)
     )

@@ -25,9 +25,10 @@ def run_train(args, tmp_path, timeout=300):
     )  # fmt: skip
 
 
-def test_sdxl_recipe_fails_fast_offline_with_one_line(tmp_path):
+@pytest.mark.parametrize("experiment", ["sdxl_tdd", "sd15_tdd"])
+def test_hub_recipes_fail_fast_offline_with_one_line(experiment, tmp_path):
     start = time.monotonic()
-    r = run_train(["experiment=sdxl_tdd"], tmp_path, timeout=60)
+    r = run_train([f"experiment={experiment}"], tmp_path, timeout=60)
     elapsed = time.monotonic() - start
     assert r.returncode != 0 and elapsed < 30
     errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]

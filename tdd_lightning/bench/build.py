@@ -15,7 +15,8 @@ from pathlib import Path
 import torch
 
 CONF = Path(__file__).resolve().parents[2] / "conf"
-TINY_SAMPLE_SIZE, SDXL_SAMPLE_SIZE = 32, 128  # latent sides when --sample-size is not given (256, 1024 px)
+TINY_SAMPLE_SIZE = 32  # the tiny model's latent side when --sample-size is not given (256 px)
+ARCH_MODELS = ("sdxl_arch", "sd15_arch")  # published UNet configs with random weights
 
 
 def option(default=None, help: str | None = None, **argparse_kwargs):
@@ -32,7 +33,7 @@ def option(default=None, help: str | None = None, **argparse_kwargs):
 
 @dataclass
 class BenchConfig:
-    model: str = option("tiny", "conf/model/<name>.yaml", choices=("tiny", "sdxl_arch"))
+    model: str = option("tiny", "conf/model/<name>.yaml", choices=("tiny", *ARCH_MODELS))
     device: str = option("cpu", "cpu | cuda | cuda:N")
     precision: str = option(
         "fp32", "bf16: bf16 base weights + bf16 autocast, fp32 LoRA", choices=("fp32", "bf16")
@@ -40,12 +41,14 @@ class BenchConfig:
     batch: int = option(8)
     sample_size: int | None = option(
         None,
-        "latent side (default: the --pretrained folder's, else tiny 32 = 256 px; sdxl_arch 128); "
-        "given with --pretrained it overrides the folder's UNet sample_size",
-        by_model={"sdxl_arch": 128},
+        "latent side (default: the --pretrained folder's, else tiny 32 = 256 px; sdxl_arch 128; "
+        "sd15_arch 64); given with --pretrained it overrides the folder's UNet sample_size",
+        by_model={"sdxl_arch": 128, "sd15_arch": 64},
     )
     channels: tuple[int, ...] = option((32, 64), "tiny UNet blocks (block_out_channels)")
-    rank: int = option(8, "LoRA rank (tiny 8, sdxl_arch 64)", by_model={"sdxl_arch": 64})
+    rank: int = option(
+        8, "LoRA rank (tiny 8, sdxl_arch and sd15_arch 64)", by_model={m: 64 for m in ARCH_MODELS}
+    )
     threads: int = option(2, "torch CPU threads")
     clock: str = option(
         "wall", "cpu: main-thread CPU time (robust to other load; with --threads 1)", choices=("wall", "cpu")
@@ -117,7 +120,7 @@ class Built:
     loader: object  # ResumableLoader of cached-format batches
     bare: torch.nn.Module | None  # the UNet without LoRA layers (None: use the teacher role)
     unet_config: dict
-    text: tuple[int, int]
+    text: dict  # the family's text tensors' per-sample shapes
     pretrained: Path | None  # folder with VAE + text encoders (naive mode), if any
 
 
@@ -130,32 +133,43 @@ def check_config(cfg: BenchConfig) -> None:
     check(cfg.model == "tiny" or not cfg.pretrained, "--pretrained", cfg.pretrained, "only with --model tiny")
 
 
+def composed_family(composed):
+    """The ModelFamily of a composed config's ``model.family``."""
+    from tdd_lightning.models.families import get_family
+
+    return get_family(composed.model.get("family"))
+
+
 def build(cfg: BenchConfig, out_dir: Path) -> Built:
     from tdd_lightning.data.resumable import ResumableLoader
-    from tdd_lightning.data.synthetic import SyntheticLatents
-    from tdd_lightning.models.tiny import SDXL_SCHEDULER
+    from tdd_lightning.data.synthetic import synthetic_latents
     from tdd_lightning.training.run import build_module
 
     check_config(cfg)
     device = torch.device(cfg.device)
     dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
-    if cfg.model == "sdxl_arch":
-        from tdd_lightning.models.sdxl_arch import sdxl_unet, text_dims
+    if cfg.model in ARCH_MODELS:  # models/<name>.py: the published UNet config, random weights
+        from importlib import import_module
 
+        arch = import_module(f"tdd_lightning.models.{cfg.model}")
         pretrained = None
-        composed = compose(cfg, str(out_dir / "sdxl-arch"), out_dir)
-        side = SDXL_SAMPLE_SIZE if cfg.sample_size is None else cfg.sample_size
-        unet = sdxl_unet(side, device=device, dtype=dtype, seed=cfg.seed)
-        scheduler_config, text = SDXL_SCHEDULER, text_dims()
-        bare = None  # a second 2.6 B-parameter copy is not worth its memory: the teacher role stands in
+        composed = compose(cfg, str(out_dir / cfg.model.replace("_", "-")), out_dir)
+        side = arch.SAMPLE_SIZE if cfg.sample_size is None else cfg.sample_size
+        unet = arch.unet(side, device=device, dtype=dtype, seed=cfg.seed)
+        scheduler_config, text = arch.SCHEDULER, arch.text_shapes()
+        bare = (
+            None  # a second multi-billion-parameter copy is not worth its memory: the teacher role stands in
+        )
     else:
-        from tdd_lightning.data.synthetic import text_dims
-        from tdd_lightning.models import load_sdxl_components
-
         pretrained = tiny_pipeline(cfg, out_dir)
         composed = compose(cfg, str(pretrained), out_dir)
-        parts = load_sdxl_components(pretrained, dtype=dtype, load_vae=False, load_text_encoders=False)
-        unet, scheduler_config, text = parts.unet, parts.noise_scheduler.config, text_dims(pretrained)
+        family = composed_family(composed)
+        parts = family.load(pretrained, dtype=dtype, load_vae=False, load_text_encoders=False)
+        unet, scheduler_config, text = (
+            parts.unet,
+            parts.noise_scheduler.config,
+            family.text_shapes(pretrained),
+        )
         if cfg.sample_size is not None:  # honoured over the folder's (the UNet is size-agnostic)
             unet.register_to_config(sample_size=cfg.sample_size)
         bare = copy.deepcopy(unet).to(device)
@@ -173,8 +187,8 @@ def build(cfg: BenchConfig, out_dir: Path) -> Built:
         if bare is not None:
             bare.forward = torch.compile(bare.forward)
     size = unet.config.sample_size
-    data = SyntheticLatents(
-        max(4 * cfg.batch, 16), (unet.config.in_channels, size, size), *text, seed=cfg.seed
+    data = synthetic_latents(
+        module.family, max(4 * cfg.batch, 16), (unet.config.in_channels, size, size), text, seed=cfg.seed
     )
     loader = ResumableLoader(data, cfg.batch, seed=cfg.seed, pin_memory=device.type == "cuda")
     return Built(module, composed.trainer, loader, bare, dict(unet.config), text, pretrained)

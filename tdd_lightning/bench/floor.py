@@ -21,7 +21,6 @@ from contextlib import contextmanager, nullcontext
 import torch
 
 from tdd_lightning.bench.timing import time_call
-from tdd_lightning.models.conditioning import unet_eps
 from tdd_lightning.models.roles import STUDENT, TARGET
 
 FLOOR = ("teacher fwd", "target fwd", "student fwd+bwd")
@@ -62,7 +61,7 @@ class FloorPasses:
         x = batch["latents"].float()
         g = torch.Generator().manual_seed(self.seed)
         t = torch.randint(0, 1000, (x.shape[0],), generator=g).to(x.device)
-        c = {k: batch[k] for k in ("prompt_embeds", "pooled_prompt_embeds", "time_ids")}
+        c = self.module.family.condition_from_batch(batch)
         self.inputs = (torch.randn(x.shape, generator=g).to(x.device), t, c)
         if self.ablation:  # copies of the UNet as the student, for the variants that change the model
             unet = self.module.unet
@@ -84,14 +83,14 @@ class FloorPasses:
         def forward(role: str, *args) -> Callable[[], None]:
             def f():
                 with torch.no_grad(), roles.role(role):
-                    unet_eps(unet, *args)
+                    self.module.family.denoise(unet, *args)
 
             return f
 
         def student_fwd_bwd():
             with roles.role(STUDENT):
                 with self.sync_phase("student fwd (grad)"):
-                    loss = unet_eps(unet, x, t, c).float().square().mean()
+                    loss = self.module.family.denoise(unet, x, t, c).float().square().mean()
                 with self.sync_phase("student bwd"):
                     loss.backward()
             for p in roles.student_params:
@@ -108,7 +107,7 @@ class FloorPasses:
 
             def bare_fwd():
                 with torch.no_grad():
-                    unet_eps(bare, x, t, c)
+                    self.module.family.denoise(bare, x, t, c)
 
             passes["bare fwd"] = bare_fwd
         else:  # no bare copy (large models): the teacher role at batch B stands in
@@ -126,7 +125,7 @@ class FloorPasses:
         def fwd_bwd(unet, params, x=x, autocast=False):
             def f():
                 with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=autocast):
-                    loss = unet_eps(unet, x, t, c).float().square().mean()
+                    loss = self.module.family.denoise(unet, x, t, c).float().square().mean()
                 loss.backward()
                 for p in params:
                     p.grad = None

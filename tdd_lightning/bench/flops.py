@@ -40,14 +40,19 @@ def step_flops(
     target_modules: Sequence[str],
     batch: int,
     teacher_batch: float,
-    text: tuple[int, int],
+    text: Mapping[str, Sequence[int]],
+    family=None,
 ) -> dict[str, float]:
-    """FLOPs of the three passes of one step (teacher scaled linearly to the mean teacher batch)."""
+    """FLOPs of the three passes of one step (teacher scaled linearly to the mean teacher batch).
+
+    ``text``: the family's text tensors' per-sample shapes; ``family``: the ``ModelFamily`` (None: SDXL)."""
     from diffusers import UNet2DConditionModel
     from peft.tuners.tuners_utils import BaseTunerLayer
 
-    from tdd_lightning.models.conditioning import unet_eps
+    from tdd_lightning.models.families import get_family
     from tdd_lightning.models.roles import lora_config
+
+    family = family or get_family(None)
 
     with torch.device("meta"):
         unet = UNet2DConditionModel.from_config(dict(unet_config)).requires_grad_(False)
@@ -58,11 +63,11 @@ def step_flops(
     size = unet.config.sample_size
     x = torch.zeros(batch, unet.config.in_channels, size, size, device="meta")
     t = torch.zeros(batch, dtype=torch.long, device="meta")
-    c = {
-        "prompt_embeds": torch.zeros(batch, 77, text[0], device="meta"),
-        "pooled_prompt_embeds": torch.zeros(batch, text[1], device="meta"),
-        "time_ids": torch.zeros(batch, 6, device="meta"),
-    }
+    geometry = family.square_geometry(8 * size, batch)
+    c = family.condition(
+        {k: torch.zeros(batch, *shape, device="meta") for k, shape in text.items()},
+        {k: torch.zeros(v.shape, device="meta") for k, v in geometry.items()},
+    )
 
     def set_enabled(on: bool) -> None:
         for layer in layers:
@@ -70,11 +75,11 @@ def step_flops(
 
     def forward():
         with torch.no_grad():
-            unet_eps(unet, x, t, c)
+            family.denoise(unet, x, t, c)
 
     set_enabled(False)
     teacher = _count(forward) * teacher_batch / batch
     set_enabled(True)
     target = _count(forward)
-    student = _count(lambda: unet_eps(unet, x, t, c).float().square().mean().backward())
+    student = _count(lambda: family.denoise(unet, x, t, c).float().square().mean().backward())
     return {"teacher fwd": teacher, "target fwd": target, "student fwd+bwd": student}

@@ -27,7 +27,6 @@ import torch
 
 from tdd_lightning.bench.timing import PhaseTimer
 from tdd_lightning.diffusion import add_noise, append_dims, cfg_combine, ddim_jump
-from tdd_lightning.models.conditioning import square_time_ids, unet_eps
 from tdd_lightning.models.roles import STUDENT
 
 # The script's own split, ms per step (issue 19: tiny UNet, 172,288 LoRA params, batch 8, 256 px, fp32,
@@ -84,7 +83,7 @@ class NaiveTrainer:
         side = 8 * module.unet.config.sample_size
         self.pixels = (torch.rand(num_samples, 3, side, side, generator=g) * 2 - 1).to(device)
         self.captions = [f"synthetic sample {i}" for i in range(num_samples)]
-        self.time_ids = square_time_ids(side, batch_size, device)
+        self.geometry = module.family.square_geometry(side, batch_size, device)
         self.timer = PhaseTimer(sync, clock)
         self.records: list[dict[str, float]] = []
         self.i = 0
@@ -93,7 +92,7 @@ class NaiveTrainer:
         n = self.pixels.shape[0]
         idx = [(self.i * self.B + k) % n for k in range(self.B)]
         self.i += 1
-        return self.pixels[idx], [self.captions[k] for k in idx], self.time_ids
+        return self.pixels[idx], [self.captions[k] for k in idx], self.geometry
 
     def step(self, context=None, record: bool = False) -> float:
         """One step; with ``record`` its phase times are appended to ``records``. Returns the loss."""
@@ -103,19 +102,16 @@ class NaiveTrainer:
         timer.armed = record
         g = torch.Generator(device=device).manual_seed(1000 + self.i)
         with timer("data"):
-            pixels, captions, time_ids = self.batch()
+            pixels, captions, geometry = self.batch()
+        family = m.family
         with context or nullcontext():
             with timer("text"):
-                prompt_embeds, pooled = self.encoder.encode_text(captions)
+                text = self.encoder.encode_captions(captions)
             with timer("vae"):
                 x0 = self.encoder.encode_images(pixels, sample=True, generator=g)
             with timer("step maths"):
-                c = {"prompt_embeds": prompt_embeds, "pooled_prompt_embeds": pooled, "time_ids": time_ids}
-                zeros = {
-                    "prompt_embeds": torch.zeros_like(prompt_embeds),
-                    "pooled_prompt_embeds": torch.zeros_like(pooled),
-                }
-                u = {**c, **zeros}
+                c = family.condition(text, geometry)
+                u = family.unconditional_like(c, None)  # zeros
                 w = m.guidance.draw(B, g, device).w
                 t, t_prev = ts.sample_times(B, g, device)
                 eps = torch.randn(x0.shape, generator=g, device=device)
@@ -123,15 +119,15 @@ class NaiveTrainer:
                 x_t = add_noise(x0, eps, a_t, sigma_t)
                 s = ts.select(t_prev, g)
             with timer("student fwd"):
-                eps_s = unet_eps(unet, x_t, t, c)
+                eps_s = family.denoise(unet, x_t, t, c)
             with timer("step maths"):
                 pred = ts.consistency(x_t, eps_s.float(), t, s, schedule)
             with timer("toggles"):
                 unet.disable_adapters()
             with torch.no_grad():
                 with timer("teacher fwd"):
-                    eps_c = unet_eps(unet, x_t, t, c).float()
-                    eps_u = unet_eps(unet, x_t, t, u).float()
+                    eps_c = family.denoise(unet, x_t, t, c).float()
+                    eps_u = family.denoise(unet, x_t, t, u).float()
                 with timer("toggles"):
                     unet.enable_adapters()
                 with timer("step maths"):
@@ -139,7 +135,7 @@ class NaiveTrainer:
                     a_tp, sigma_tp = schedule.a_sigma(t_prev, x0)
                     x_tp = ddim_jump(x_t, eps_teacher, a_t, sigma_t, a_tp, sigma_tp)
                 with timer("target fwd"):  # the student's own adapter: the script has no target network
-                    eps_target = unet_eps(unet, x_tp, t_prev, c)
+                    eps_target = family.denoise(unet, x_tp, t_prev, c)
                 with timer("step maths"):
                     target = ts.consistency(x_tp, eps_target.float(), t_prev, s, schedule)
             with timer("step maths"):

@@ -223,13 +223,14 @@ def flop_summary(cfg: BenchConfig, built, stats: dict, device: torch.device) -> 
     """FLOPs of one step (meta device), achieved TFLOP/s and MFU; an ``error`` entry if counting fails."""
     try:
         from tdd_lightning.bench.flops import peak_tflops, step_flops
-        from tdd_lightning.models.roles import SDXL_LORA_TARGETS
 
         B, module = cfg.batch, built.module
         tb = stats["teacher_batch_mean"] or 2 * B
         lora_cfg = module.model_cfg.get("lora", {})
-        targets = lora_cfg.get("target_modules") or SDXL_LORA_TARGETS
-        per_pass = step_flops(built.unet_config, lora_cfg | {"rank": cfg.rank}, targets, B, tb, built.text)
+        targets = lora_cfg.get("target_modules") or module.family.lora_targets
+        per_pass = step_flops(
+            built.unet_config, lora_cfg | {"rank": cfg.rank}, targets, B, tb, built.text, module.family
+        )
         total = sum(per_pass.values())
         peak = cfg.peak_tflops or peak_tflops(device, cfg.precision)
         step = stats["step_s"]
@@ -276,9 +277,8 @@ def aggregate(records: list[dict], floor_times: dict[str, list[float]], teacher_
 
 def make_naive(cfg: BenchConfig, module, pretrained: Path, device, sync=None, clock=time.perf_counter):
     from tdd_lightning.bench.naive import NaiveTrainer
-    from tdd_lightning.models.encoder import SDXLEncoder
 
-    encoder = SDXLEncoder.from_pretrained(pretrained).to(device)
+    encoder = module.family.encoder_from_pretrained(pretrained).to(device)
     return NaiveTrainer(module, encoder, cfg.batch, device, seed=cfg.seed, sync=sync, clock=clock)
 
 

@@ -33,26 +33,23 @@ def write_synthetic_cache(
 
     from tdd_lightning.data.encode import _sample_bytes
     from tdd_lightning.data.shards import ShardWriter
-    from tdd_lightning.models.conditioning import square_time_ids
+    from tdd_lightning.models.families.sdxl import SDXL  # the toy's family
 
     out_dir = Path(out_dir)
-    time_ids = square_time_ids(32, 1)[0]
+    geometry = {k: v[0] for k, v in SDXL.square_geometry(32, 1).items()}
     g = torch.Generator().manual_seed(seed)
     d1, d2 = text_dims
+    text_shapes = dict(zip(SDXL.text_keys, [(77, d1 + d2), (d2,)], strict=True))
     per = -(-samples // shards)
     for s in range(shards):
         with ShardWriter(out_dir / f"shard-{s:06d}.tar") as w:
             for i in range(s * per, min(samples, (s + 1) * per)):
-                blob = {
-                    "latents": torch.randn(latent_shape, generator=g).half(),
-                    "prompt_embeds": torch.randn(77, d1 + d2, generator=g).half(),
-                    "pooled_prompt_embeds": torch.randn(d2, generator=g).half(),
-                    "time_ids": time_ids,
-                }
+                blob = {"latents": torch.randn(latent_shape, generator=g).half()}
+                blob.update({k: torch.randn(shape, generator=g).half() for k, shape in text_shapes.items()})
+                blob.update(geometry)
                 w.write(f"{i:08d}", {"safetensors": _sample_bytes(blob), "txt": b"a small red circle"})
     save_file(
-        {"prompt_embeds": torch.zeros(77, d1 + d2), "pooled_prompt_embeds": torch.zeros(d2)},
-        str(out_dir / "uncond.safetensors"),
+        {k: torch.zeros(shape) for k, shape in text_shapes.items()}, str(out_dir / "uncond.safetensors")
     )
     return str(out_dir / "shard-*.tar")
 
@@ -76,11 +73,12 @@ def loader_rate(shards: str, batch_size: int, num_workers: int, epochs: int = 1)
 
 def train_step_rate(batch: dict, steps: int = 5, channels: tuple[int, ...] = (32, 64)) -> tuple[float, float]:
     """Samples/s of a distillation-step proxy at the batch's shapes; also the median step time (s)."""
+    from tdd_lightning.models.families.sdxl import SDXL
     from tdd_lightning.models.tiny import TinySDXLConfig, unet_from_config
 
-    x, c = batch["latents"], batch["prompt_embeds"]
-    pooled, time_ids = batch["pooled_prompt_embeds"], batch["time_ids"]
-    d2 = pooled.shape[-1]
+    x, cond = batch["latents"], SDXL.condition_from_batch(batch)
+    embeds, pooled = (cond[k] for k in SDXL.text_keys)
+    c, d2 = embeds, pooled.shape[-1]
     cfg = TinySDXLConfig(
         sample_size=x.shape[-1],
         block_out_channels=tuple(channels),
@@ -91,15 +89,14 @@ def train_step_rate(batch: dict, steps: int = 5, channels: tuple[int, ...] = (32
         projection_dim=d2,
     )
     unet = unet_from_config(cfg)
-    cond = {"encoder_hidden_states": c, "added_cond_kwargs": {"text_embeds": pooled, "time_ids": time_ids}}
     t = torch.randint(0, 1000, (x.shape[0],))
 
     def step() -> float:
         start = time.perf_counter()
-        unet(x, t, **cond).sample.square().mean().backward()  # student: forward + backward
+        SDXL.denoise(unet, x, t, cond).square().mean().backward()  # student: forward + backward
         with torch.no_grad():
             for _ in range(3):  # target (B) and teacher (2B): three forwards of the batch
-                unet(x, t, **cond)
+                SDXL.denoise(unet, x, t, cond)
         unet.zero_grad(set_to_none=True)
         return time.perf_counter() - start
 

@@ -1,10 +1,12 @@
 """The LightningDataModule over webdataset tar shards, raw images or the offline cache.
 
-- ``mode="raw"``: batches of ``pixels`` [B, 3, H, W] in [-1, 1], ``time_ids`` [B, 6], ``caption``; the
-  LightningModule encodes them (VAE + both text encoders) on the fly.
-- ``mode="cached"``: batches of ``latents``, ``prompt_embeds``, ``pooled_prompt_embeds``, ``time_ids``,
-  ``caption`` read from shards written by ``python -m tdd_lightning.data.encode``; no VAE or text
-  encoder is loaded. ``uncond`` then holds the encoded empty prompt from ``uncond.safetensors``.
+- ``mode="raw"``: batches of ``pixels`` [B, 3, H, W] in [-1, 1], the geometry ``original_size`` [B, 2]
+  and ``crop_top_left`` [B, 2], ``caption``; the LightningModule's family encoder turns them into its
+  condition (VAE + text encoders) on the fly.
+- ``mode="cached"``: batches of ``latents``, the condition tensors of the model family that wrote the
+  cache (the names in its ``meta.json``, else every tensor of a sample) and ``caption``, read from
+  shards written by ``python -m tdd_lightning.data.encode``; no VAE or text encoder is loaded.
+  ``uncond`` then holds the encoded empty prompt (its text tensors) from ``uncond.safetensors``.
 Every batch also has ``key`` (the sample names). Bad samples are skipped with a warning and counted in
 ``skipped``, by reason in ``skipped_by_reason()`` (log them with ``SkippedSamplesLogger``); a pass that
 yields no batch at all is an error. A missing shard or a pattern that matches none is a ``ConfigError``
@@ -86,18 +88,18 @@ class ShardLoader(DataLoader):
             )
 
 
-def cached_latent_shape(first_shard: str) -> list[int] | None:
-    """The latent shape recorded in the cache's ``meta.json`` beside ``first_shard`` (None: no meta.json)."""
+def cached_meta(first_shard: str) -> dict:
+    """The cache's ``meta.json`` beside ``first_shard`` ({} when there is none)."""
     path = _beside(first_shard, META_FILE)
     if is_url(path) or not os.path.isfile(path):
-        return None
+        return {}
     with open(path) as f:
-        shape = json.load(f).get("latent_shape")
-    return list(shape) if shape else None
+        return json.load(f)
 
 
 def load_uncond(path: str) -> dict[str, torch.Tensor]:
-    """The encoded empty prompt: ``prompt_embeds`` [77, D] and ``pooled_prompt_embeds`` [D2], float32."""
+    """The encoded empty prompt: each text tensor of the file (the family's, e.g. ``prompt_embeds`` [77, D]),
+    float32."""
     from safetensors.torch import load
 
     if not is_url(path) and not os.path.isfile(path):
@@ -107,7 +109,7 @@ def load_uncond(path: str) -> dict[str, torch.Tensor]:
         )
     with open_shard(path) as f:
         tensors = load(f.read())
-    return {k: tensors[k].float() for k in ("prompt_embeds", "pooled_prompt_embeds")}
+    return {k: v.float() for k, v in tensors.items()}
 
 
 class ShardDataModule(L.LightningDataModule):
@@ -178,11 +180,13 @@ class ShardDataModule(L.LightningDataModule):
     # ---- set-up ----------------------------------------------------------------------------------
     def _decoder(self) -> RawDecoder | CachedDecoder:
         if self.mode == "cached":
+            meta = cached_meta(self.shards[0])
             shapes = {k: tuple(v.shape) for k, v in self.uncond.items()}  # the text embeddings
-            latents = cached_latent_shape(self.shards[0])
-            if latents:
-                shapes["latents"] = tuple(latents)
-            return CachedDecoder(shapes, empty_captions=self.empty_captions)
+            shapes.update({k: tuple(v) for k, v in (meta.get("tensor_shapes") or {}).items()})
+            if meta.get("latent_shape"):
+                shapes["latents"] = tuple(meta["latent_shape"])
+            keys = meta.get("tensors")  # None (a cache from before the list): every tensor of a sample
+            return CachedDecoder(shapes, empty_captions=self.empty_captions, keys=keys)
         preprocess = SDXLPreprocess(self.resolution, self.center_crop, self.random_flip)
         return RawDecoder(preprocess, empty_captions=self.empty_captions)
 

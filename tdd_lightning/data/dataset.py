@@ -2,9 +2,11 @@
 
 Two sample formats, chosen by the decoder:
 - raw: an image (jpg/jpeg/png/webp) and a caption (txt/caption/text, or json with "caption"/"text"),
-  preprocessed for SDXL -> ``pixels`` [3, H, W] in [-1, 1], ``time_ids`` [6], ``caption``;
-- cached (written by ``tdd_lightning.data.encode``): one safetensors blob with ``latents`` (fp16),
-  ``prompt_embeds``, ``pooled_prompt_embeds``, ``time_ids``, plus the caption -> all float32.
+  preprocessed -> ``pixels`` [3, H, W] in [-1, 1], the geometry ``original_size`` [2] and
+  ``crop_top_left`` [2], ``caption`` (the model family turns geometry into its condition, if any);
+- cached (written by ``tdd_lightning.data.encode``): one safetensors blob with ``latents`` (fp16) and the
+  condition tensors the model family declares, plus the caption -> all float32. Which tensors: the
+  cache's ``meta.json`` list, else every tensor of the blob.
 Every sample also carries its ``key`` (the tar member name without extension).
 
 Bad samples are skipped and counted by reason (``SKIP_REASONS``): ``caption`` (none, not UTF-8, bad
@@ -34,7 +36,6 @@ log = logging.getLogger(__name__)
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 CAPTION_EXTS = ("txt", "caption", "text")
 CACHED_EXT = "safetensors"  # the member that holds a cached sample's tensors
-CACHED_KEYS = ("latents", "prompt_embeds", "pooled_prompt_embeds", "time_ids")
 SKIP_REASONS = ("shard", "truncated", "image", "caption", "cached", "nonfinite", "shape", "empty_caption")
 NOTES = ("empty_caption_kept",)  # counted, not skipped
 EMPTY_CAPTIONS = ("keep", "skip")  # keep: train on the empty caption (the default); skip: drop the sample
@@ -116,7 +117,7 @@ class CaptionPolicy:
 
 
 class RawDecoder(CaptionPolicy):
-    """Raw sample -> ``pixels``, ``time_ids``, ``caption`` (SDXL preprocessing)."""
+    """Raw sample -> ``pixels``, ``original_size``, ``crop_top_left``, ``caption``."""
 
     def __init__(self, preprocess: SDXLPreprocess, empty_captions: str = "keep"):
         super().__init__(empty_captions)
@@ -132,23 +133,30 @@ class RawDecoder(CaptionPolicy):
         try:
             with Image.open(io.BytesIO(sample[ext])) as image:
                 image.load()
-                pixels, time_ids = self.preprocess(image, rng)
+                pixels, geometry = self.preprocess(image, rng)
         except Exception as exn:
             raise SkipSample("image", f"undecodable {ext}: {exn!r}") from exn
-        return {"pixels": pixels, "time_ids": time_ids, "caption": caption}
+        return {"pixels": pixels, **geometry, "caption": caption}
 
 
 class CachedDecoder(CaptionPolicy):
-    """Cached sample -> ``latents``, ``prompt_embeds``, ``pooled_prompt_embeds``, ``time_ids`` (float32).
+    """Cached sample -> its named tensors (``latents`` and the family's condition tensors), float32.
 
-    ``shapes``: the expected shape per key (``time_ids`` is always (6,)); a key not given takes the shape
-    of this reader's first sample. A tensor of another shape (reason ``shape``) or with a NaN/Inf value
+    ``keys``: the tensors to read (a sample without one is skipped, reason ``cached``); None: every
+    tensor of the blob. ``shapes``: the expected shape per key; a key not given takes the shape of this
+    reader's first sample. A tensor of another shape (reason ``shape``) or with a NaN/Inf value
     (``nonfinite``) is skipped, so that neither a collate error nor a non-finite step can follow.
     """
 
-    def __init__(self, shapes: dict[str, Sequence[int]] | None = None, empty_captions: str = "keep"):
+    def __init__(
+        self,
+        shapes: dict[str, Sequence[int]] | None = None,
+        empty_captions: str = "keep",
+        keys: Sequence[str] | None = None,
+    ):
         super().__init__(empty_captions)
-        self.shapes = {"time_ids": (6,), **{k: tuple(v) for k, v in (shapes or {}).items()}}
+        self.shapes = {k: tuple(v) for k, v in (shapes or {}).items()}
+        self.keys = None if keys is None else tuple(keys)
 
     def __call__(self, sample: dict, rng: random.Random) -> dict:
         from safetensors.torch import load
@@ -158,10 +166,10 @@ class CachedDecoder(CaptionPolicy):
             raise SkipSample("cached", f"no .{CACHED_EXT} member")
         try:
             tensors = load(sample[CACHED_EXT])
-            out = {k: tensors[k].float() for k in CACHED_KEYS}
+            out = {k: tensors[k].float() for k in (self.keys or tensors)}
         except Exception as exn:
             raise SkipSample("cached", f"unreadable cached tensors: {exn!r}") from exn
-        for k in CACHED_KEYS:
+        for k in out:
             want = self.shapes.setdefault(k, tuple(out[k].shape))
             if tuple(out[k].shape) != want:
                 raise SkipSample("shape", f"{k} has shape {list(out[k].shape)}, expected {list(want)}")

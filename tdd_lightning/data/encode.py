@@ -1,14 +1,16 @@
-"""Offline cache: raw shards -> shards of VAE latents, text embeddings and time ids.
+"""Offline cache: raw shards -> shards of VAE latents and the model family's condition tensors.
 
     python -m tdd_lightning.data.encode "data/raw/train-{000000..000099}.tar" data/cache/train \\
-        --model /data/sdxl-base-1.0 --resolution 1024 --device cuda --dtype fp16
+        --model /data/sdxl-base-1.0 --resolution 1024 --device cuda --dtype fp16 [--family sd15]
 
 Each input shard gives one output shard of the same name. Each sample holds ``<key>.safetensors``
-(``latents`` fp16, already times ``vae.config.scaling_factor``; ``prompt_embeds`` and
-``pooled_prompt_embeds`` in ``--embeds-dtype``; ``time_ids`` float32) and ``<key>.txt`` (the caption).
-The out folder also gets ``uncond.safetensors`` (the encoded empty prompt "", float32) and
-``meta.json`` (settings and counts). Crop and flip are drawn once here and frozen in the cache (the
-time ids record them). Training with ``data.mode=cached`` then never loads the VAE or text encoders.
+(``latents`` fp16, already times ``vae.config.scaling_factor``; the family's text tensors in
+``--embeds-dtype``, its other condition tensors float32: SDXL prompt embeddings, pooled embeddings and
+the six time ids, SD1.5 the prompt embeddings) and ``<key>.txt`` (the caption). The out folder also gets
+``uncond.safetensors`` (the encoded empty prompt "", float32) and ``meta.json`` (the family, the tensor
+names and shapes, settings and counts). Crop and flip are drawn once here and frozen in the cache (the
+geometry the family conditions on records them). Training with ``data.mode=cached`` then never loads
+the VAE or text encoders.
 
 The out folder may not be, contain or lie inside an input shard's folder; the cache is written beside it
 and renamed into place when complete, so an error or a kill never leaves half a cache where a good one
@@ -89,40 +91,37 @@ class _ShardOutputs:
 
 def _encode_loop(
     loader, encoder, outputs: _ShardOutputs, sample_latents: bool, generator, embeds_dtype, progress: bool
-) -> list[int] | None:
-    """Encode every batch and write its samples; returns the latent shape (None: no batch)."""
+) -> tuple[list[int] | None, dict[str, list[int]]]:
+    """Encode every batch and write its samples; returns the latent shape (None: no batch) and the
+    per-sample shape of each condition tensor."""
     from tdd_lightning.progress import progress_bar
 
-    latent_shape = None
+    latent_shape, shapes = None, {}
     bar = progress_bar(unit="img", desc="encode", enabled=progress)
     for batch in loader:
         out = encoder(batch, sample=sample_latents, generator=generator)
         latent_shape = list(out["latents"].shape[1:])
+        text_keys = encoder.family.text_keys
         for i, url in enumerate(batch["url"]):
-            blob = {
-                "latents": out["latents"][i].half(),
-                "prompt_embeds": out["prompt_embeds"][i].to(embeds_dtype),
-                "pooled_prompt_embeds": out["pooled_prompt_embeds"][i].to(embeds_dtype),
-                "time_ids": out["time_ids"][i].float(),
-            }
+            blob = {"latents": out["latents"][i].half()}
+            for k in encoder.family.cond_keys:
+                blob[k] = out[k][i].to(embeds_dtype if k in text_keys else torch.float32)
+                shapes[k] = list(blob[k].shape)
             outputs.write(url, batch["key"][i], blob, out["caption"][i])
         bar.update(len(batch["key"]))
         bar.set_postfix(skipped=loader.dataset.skips.total, refresh=False)
     bar.close()
     outputs.close()
-    return latent_shape
+    return latent_shape, shapes
 
 
-def _write_uncond(encoder, out_dir: Path) -> tuple[torch.Tensor, torch.Tensor]:
-    """``uncond.safetensors``: the encoded empty prompt (float32). Returns its (prompt_embeds, pooled)."""
+def _write_uncond(encoder, out_dir: Path) -> dict[str, torch.Tensor]:
+    """``uncond.safetensors``: the encoded empty prompt's text tensors (float32). Returns them."""
     from safetensors.torch import save_file
 
-    prompt_embeds, pooled = encoder.encode_text([""])
-    save_file(
-        {"prompt_embeds": prompt_embeds[0].contiguous(), "pooled_prompt_embeds": pooled[0].contiguous()},
-        str(out_dir / "uncond.safetensors"),
-    )
-    return prompt_embeds, pooled
+    text = {k: v[0].contiguous() for k, v in encoder.encode_captions([""]).items()}
+    save_file(text, str(out_dir / "uncond.safetensors"))
+    return text
 
 
 def encode_shards(
@@ -142,7 +141,7 @@ def encode_shards(
     progress: bool = True,
     empty_captions: str = "keep",
 ) -> dict:
-    """Encode every raw shard of ``in_shards`` with ``encoder`` (an SDXLEncoder) into ``out_dir``.
+    """Encode every raw shard of ``in_shards`` with ``encoder`` (a family's ``Encoder``) into ``out_dir``.
 
     Returns the metadata written to ``meta.json`` (counts included). Bad samples are skipped, counted
     and reported like in training; no usable sample at all raises ``NoValidSamplesError``.
@@ -168,7 +167,7 @@ def encode_shards(
     start = time.time()
     with StagedFolder(out) as staged:
         outputs = _ShardOutputs(staged.path, shards, names, workers)
-        latent_shape = _encode_loop(
+        latent_shape, shapes = _encode_loop(
             loader, encoder, outputs, sample_latents, generator, embeds_dtype, progress
         )
         if not outputs.counts:
@@ -177,8 +176,12 @@ def encode_shards(
                 f"{dataset.skips.total} skipped {dataset.skips.by_reason()}"
             )
 
-        prompt_embeds, pooled = _write_uncond(encoder, staged.path)
+        uncond = _write_uncond(encoder, staged.path)
+        family = encoder.family
         meta = {
+            "family": family.name,
+            "tensors": ["latents", *family.cond_keys],
+            "tensor_shapes": shapes,
             "resolution": resolution,
             "center_crop": center_crop,
             "random_flip": random_flip,
@@ -186,8 +189,7 @@ def encode_shards(
             "seed": seed,
             "scaling_factor": encoder.vae.config.scaling_factor,
             "latent_shape": latent_shape,
-            "prompt_embeds_shape": list(prompt_embeds.shape[1:]),
-            "pooled_dim": int(pooled.shape[-1]),
+            "text_shapes": {k: list(v.shape) for k, v in uncond.items()},
             "latents_dtype": "float16",
             "embeds_dtype": str(embeds_dtype).removeprefix("torch."),
             "samples": sum(outputs.counts.values()),
@@ -209,7 +211,10 @@ def main(argv: list[str] | None = None) -> dict:
         "in_shards", help='input shards: brace pattern, glob or URL, e.g. "raw/train-{000..009}.tar"'
     )
     p.add_argument("out_dir", help="output folder (shards of the same names, uncond.safetensors, meta.json)")
-    p.add_argument("--model", required=True, help="diffusers SDXL folder or hub id (VAE and text encoders)")
+    p.add_argument("--model", required=True, help="diffusers folder or hub id (VAE and text encoders)")
+    p.add_argument(
+        "--family", choices=["sdxl", "sd15"], default="sdxl", help="model family (sd15: SD1.5 and SD2.x)"
+    )
     p.add_argument(
         "--resolution", type=int, nargs="+", help="target size: S or H W (default: VAE sample_size)"
     )
@@ -234,9 +239,9 @@ def main(argv: list[str] | None = None) -> dict:
     a = p.parse_args(argv)
     check_paths(a.in_shards, a.out_dir, a.overwrite)  # before the (slow) encoder load
 
-    from tdd_lightning.models.encoder import SDXLEncoder
+    from tdd_lightning.models.families import get_family
 
-    encoder = SDXLEncoder.from_pretrained(a.model, dtype=DTYPES[a.dtype]).to(a.device)
+    encoder = get_family(a.family).encoder_from_pretrained(a.model, dtype=DTYPES[a.dtype]).to(a.device)
     res = None if not a.resolution else a.resolution[0] if len(a.resolution) == 1 else tuple(a.resolution[:2])
     meta = encode_shards(
         a.in_shards,

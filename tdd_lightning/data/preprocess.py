@@ -1,13 +1,11 @@
-"""SDXL image preprocessing with correct micro-conditioning.
+"""Image preprocessing (family-neutral) with the true image geometry.
 
-SDXL (Podell et al. 2023, sec. 2.2) conditions the UNet on six numbers: the ORIGINAL image size
-(before any resize), the top-left corner of the crop, and the target size. The authors' TDD code
-records the resized size and forces the crop to (0, 0); here both are the real values:
-
-    time_ids = (orig_h, orig_w, crop_top, crop_left, target_h, target_w)
-
-with the crop corner in the coordinates of the resized image (after a horizontal flip, in those of
-the flipped resized image, so the ids describe exactly the pixels the model sees).
+Each image gives ``pixels`` and its geometry: the ORIGINAL size (before any resize), ``original_size``
+(h, w), and the top-left corner of the crop, ``crop_top_left`` (top, left); the target size is the
+pixels' H, W. The SDXL family turns these into its six micro-conditioning ids (Podell et al. 2023, sec.
+2.2; the authors' TDD code records the resized size and forces the crop to (0, 0), here both are the
+real values); SD1.5 ignores them. The crop corner is in the coordinates of the resized image (after a
+horizontal flip, in those of the flipped resized image, so it describes exactly the pixels the model sees).
 
 Every Pillow mode becomes 8-bit RGB by ``to_rgb`` (16-bit greyscale scaled, not clipped to white;
 transparent pixels composited on ``BACKGROUND``); tests/test_data_robustness.py checks each mode
@@ -76,8 +74,9 @@ class SDXLPreprocess:
 
     def __call__(
         self, image: Image.Image, rng: random.Random | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Return ``pixels`` float32 [3, H, W] in [-1, 1] and ``time_ids`` float32 [6]."""
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Return ``pixels`` float32 [3, H, W] in [-1, 1] and the geometry: ``original_size`` float32 [2]
+        (h, w) and ``crop_top_left`` float32 [2] (top, left)."""
         rng = rng or random.Random()
         image = ImageOps.exif_transpose(image)  # the original size is the size as displayed
         image = to_rgb(image)
@@ -97,5 +96,8 @@ class SDXLPreprocess:
             left = new_w - left - tw  # the same pixels, cropped from the flipped resized image
         pixels = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)
         pixels = pixels.float() / 127.5 - 1.0
-        time_ids = torch.tensor([orig_h, orig_w, top, left, th, tw], dtype=torch.float32)
-        return pixels, time_ids
+        geometry = {
+            "original_size": torch.tensor([orig_h, orig_w], dtype=torch.float32),
+            "crop_top_left": torch.tensor([top, left], dtype=torch.float32),
+        }
+        return pixels, geometry

@@ -1,7 +1,8 @@
 """A synthetic data module: fixed random latents and text embeddings in the cached-batch format.
 
 For smoke tests and sweeps of the training machinery where image content does not matter. Shapes
-follow the model (latent channels and size, text widths), read from the pipeline folder's configs.
+follow the model (latent channels and size, the family's text tensors), read from the pipeline folder's
+configs; the family's other condition parts are those of an uncropped square image.
 """
 
 from __future__ import annotations
@@ -15,25 +16,26 @@ from torch.utils.data import Dataset
 
 from tdd_lightning.data.ranks import rank_and_world
 from tdd_lightning.data.resumable import ResumableLoader
-from tdd_lightning.models.conditioning import square_time_ids
-
-
-def text_dims(pretrained: str | Path) -> tuple[int, int]:
-    """(D1 + D2, D2): the concatenated hidden width and the pooled width of an SDXL folder."""
-    root = Path(pretrained)
-    te1 = json.loads((root / "text_encoder" / "config.json").read_text())
-    te2 = json.loads((root / "text_encoder_2" / "config.json").read_text())
-    return te1["hidden_size"] + te2["hidden_size"], te2["projection_dim"]
+from tdd_lightning.models.families import get_family
 
 
 class SyntheticLatents(Dataset):
-    def __init__(self, num_samples: int, latent_shape, embed_dim: int, pooled_dim: int, seed: int = 0):
+    """``num_samples`` fixed random latents and text tensors (``text_shapes``: per-sample shape by name,
+    drawn in that order after the latents), plus the fixed ``extra`` condition parts of every sample."""
+
+    def __init__(
+        self,
+        num_samples: int,
+        latent_shape,
+        text_shapes: dict[str, tuple[int, ...]],
+        extra: dict[str, torch.Tensor] | None = None,
+        seed: int = 0,
+    ):
         g = torch.Generator().manual_seed(seed)
         c, h, w = latent_shape
         self.latents = torch.randn(num_samples, c, h, w, generator=g)
-        self.prompt_embeds = torch.randn(num_samples, 77, embed_dim, generator=g)
-        self.pooled = torch.randn(num_samples, pooled_dim, generator=g)
-        self.time_ids = square_time_ids(8 * h, 1)[0]  # an uncropped square image of the VAE's side
+        self.text = {k: torch.randn(num_samples, *shape, generator=g) for k, shape in text_shapes.items()}
+        self.extra = dict(extra or {})
 
     def __len__(self) -> int:
         return self.latents.shape[0]
@@ -41,11 +43,17 @@ class SyntheticLatents(Dataset):
     def __getitem__(self, i: int) -> dict:
         return {
             "latents": self.latents[i],
-            "prompt_embeds": self.prompt_embeds[i],
-            "pooled_prompt_embeds": self.pooled[i],
-            "time_ids": self.time_ids,
+            **{k: v[i] for k, v in self.text.items()},
+            **self.extra,
             "caption": f"synthetic sample {i}",
         }
+
+
+def synthetic_latents(family, num_samples: int, latent_shape, text_shapes, seed: int = 0) -> SyntheticLatents:
+    """The family's synthetic set: its text parts random, its other parts those of an uncropped square
+    image of the VAE's side (8 x the latent side)."""
+    extra = {k: v[0] for k, v in family.square_geometry(8 * latent_shape[-1], 1).items()}
+    return SyntheticLatents(num_samples, latent_shape, text_shapes, extra, seed)
 
 
 class SyntheticDataModule(L.LightningDataModule):
@@ -54,6 +62,7 @@ class SyntheticDataModule(L.LightningDataModule):
     def __init__(
         self,
         pretrained: str,
+        family: str = "sdxl",
         num_samples: int = 256,
         batch_size: int = 8,
         latent_size: int | None = None,
@@ -62,22 +71,20 @@ class SyntheticDataModule(L.LightningDataModule):
     ):
         super().__init__()
         self.pretrained, self.num_samples, self.batch_size = pretrained, num_samples, batch_size
+        self.family = get_family(family)
         self.latent_size, self.num_workers, self.seed = latent_size, num_workers, seed
         self.uncond = None
 
     def setup(self, stage: str | None = None) -> None:
         if not Path(self.pretrained, "unet").is_dir():
-            raise FileNotFoundError(f"data.pretrained={self.pretrained} is not a diffusers SDXL folder")
+            raise FileNotFoundError(f"data.pretrained={self.pretrained} is not a diffusers model folder")
         unet_cfg = json.loads((Path(self.pretrained) / "unet" / "config.json").read_text())
         size = self.latent_size or unet_cfg["sample_size"]
-        embed, pooled = text_dims(self.pretrained)
+        text_shapes = self.family.text_shapes(self.pretrained)
         shape = (unet_cfg["in_channels"], size, size)
-        self.dataset = SyntheticLatents(self.num_samples, shape, embed, pooled, self.seed)
+        self.dataset = synthetic_latents(self.family, self.num_samples, shape, text_shapes, self.seed)
         g = torch.Generator().manual_seed(self.seed + 1)
-        self.uncond = {
-            "prompt_embeds": torch.randn(77, embed, generator=g),
-            "pooled_prompt_embeds": torch.randn(pooled, generator=g),
-        }
+        self.uncond = {k: torch.randn(*size, generator=g) for k, size in text_shapes.items()}
 
     def train_dataloader(self) -> ResumableLoader:
         rank, world = rank_and_world(self.trainer)

@@ -13,7 +13,8 @@ from tdd_lightning.diffusion.ops import (
     lcm_consistency,
     x0_to_eps,
 )
-from tdd_lightning.diffusion.schedule import NoiseSchedule, alphas_cumprod_from_config
+from tdd_lightning.diffusion.prediction import PREDICTION_TYPES, check_prediction_type, to_eps_x0
+from tdd_lightning.diffusion.schedule import NoiseSchedule, alphas_cumprod_from_config, unhonoured_keys
 from tdd_lightning.diffusion.timesteps import (
     SCHEDULES,
     nonequidistant_schedule,
@@ -24,12 +25,14 @@ from tdd_lightning.diffusion.timesteps import (
 __all__ = [
     "LOSSES",
     "NoiseSchedule",
+    "PREDICTION_TYPES",
     "SCHEDULES",
     "add_noise",
     "alphas_cumprod_from_config",
     "append_dims",
     "boundary_scalings",
     "cfg_combine",
+    "check_prediction_type",
     "ddim_jump",
     "eps_to_x0",
     "k_step_schedule",
@@ -40,6 +43,8 @@ __all__ = [
     "target_set",
     "tdd_timesteps",
     "teacher_grid",
+    "to_eps_x0",
     "trailing_timesteps",
+    "unhonoured_keys",
     "x0_to_eps",
 ]

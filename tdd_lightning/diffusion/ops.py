@@ -39,9 +39,14 @@ def ddim_jump(
     sigma_t: torch.Tensor,
     a_s: torch.Tensor,
     sigma_s: torch.Tensor,
+    x0: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Deterministic DDIM (eta = 0) from t straight to any s: a_s x0_hat + sigma_s eps."""
-    return a_s * eps_to_x0(x_t, eps, a_t, sigma_t) + sigma_s * eps
+    """Deterministic DDIM (eta = 0) from t straight to any s: a_s x0_hat + sigma_s eps.
+
+    ``x0``: x0_hat when the model gave it (``prediction.to_eps_x0``); None: (x_t - sigma_t eps) / a_t."""
+    if x0 is None:
+        x0 = eps_to_x0(x_t, eps, a_t, sigma_t)
+    return a_s * x0 + sigma_s * eps
 
 
 def boundary_scalings(
@@ -61,9 +66,12 @@ def lcm_consistency(
     sigma_t: torch.Tensor,
     c_skip: torch.Tensor,
     c_out: torch.Tensor,
+    x0: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """LCM consistency function f(x_t, t) = c_skip(t) x_t + c_out(t) x0_hat (maps to time 0)."""
-    return c_skip * x_t + c_out * eps_to_x0(x_t, eps, a_t, sigma_t)
+    if x0 is None:
+        x0 = eps_to_x0(x_t, eps, a_t, sigma_t)
+    return c_skip * x_t + c_out * x0
 
 
 def cfg_combine(cond: torch.Tensor, uncond: torch.Tensor, w: torch.Tensor | float) -> torch.Tensor:

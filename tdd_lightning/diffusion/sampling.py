@@ -11,7 +11,8 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from tdd_lightning.diffusion.ops import ddim_jump, eps_to_x0
+from tdd_lightning.diffusion.ops import ddim_jump
+from tdd_lightning.diffusion.prediction import to_eps_x0
 from tdd_lightning.diffusion.schedule import NoiseSchedule
 
 EpsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -24,21 +25,24 @@ def tdd_sample(
     schedule: NoiseSchedule,
     eta: float = 0.0,
     generator: torch.Generator | None = None,
+    prediction_type: str = "epsilon",
 ) -> torch.Tensor:
-    """Run the K steps of ``timesteps`` (descending) from noise ``x_T``; returns x0_hat."""
+    """Run the K steps of ``timesteps`` (descending) from noise ``x_T``; returns x0_hat.
+
+    ``eps_fn`` returns the model output, of ``prediction_type`` (converted once per step to eps, x0)."""
     x = x_T
     B = x.shape[0]
     for i, t_i in enumerate(timesteps):
         t = torch.full((B,), int(t_i), dtype=torch.long, device=x.device)
-        eps = eps_fn(x, t)
         a_t, sigma_t = schedule.a_sigma(t, x)
+        eps, x0 = to_eps_x0(eps_fn(x, t), x, a_t, sigma_t, prediction_type)
         if i == len(timesteps) - 1:
-            return eps_to_x0(x, eps, a_t, sigma_t)
+            return x0
         t_next = int(timesteps[i + 1])
         s_next = int((1.0 - eta) * t_next)
         s = torch.full_like(t, s_next)
         a_s, sigma_s = schedule.a_sigma(s, x)
-        x = ddim_jump(x, eps, a_t, sigma_t, a_s, sigma_s)
+        x = ddim_jump(x, eps, a_t, sigma_t, a_s, sigma_s, x0=x0)
         if eta > 0 and s_next < t_next:
             abar_t = schedule.alphas_cumprod[t_next]
             ratio = (abar_t / schedule.alphas_cumprod[s_next]).to(x.dtype)

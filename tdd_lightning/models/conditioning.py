@@ -1,40 +1,34 @@
-"""The SDXL condition c as one small dict, the unconditional condition u, and the teacher's CFG batch.
+"""The condition c as one small dict of named tensors, the unconditional condition u, the teacher's CFG batch.
 
-c = {prompt_embeds [B, 77, D], pooled_prompt_embeds [B, D2], time_ids [B, 6]}. The unconditional
-condition replaces the text parts only; each sample keeps its own micro-conditioning time ids (as the
-SDXL pipeline does for its negative).
+What the dict holds is the model family's business (``models/families``): its text parts (replaced by u)
+and any other parts (kept per sample, as the diffusers pipelines keep them for the negative). Everything
+here works on any such dict; ``denoise(unet, x, t, cond)`` is the family's way to call its UNet.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable, Sequence
 
 import torch
 
 from tdd_lightning.diffusion.ops import append_dims
 
-TEXT_KEYS = ("prompt_embeds", "pooled_prompt_embeds")
 Cond = dict[str, torch.Tensor]
+Denoise = Callable[[torch.nn.Module, torch.Tensor, torch.Tensor, Cond], torch.Tensor]
 
 
-def square_time_ids(size: int, batch: int, device: torch.device | str | None = None) -> torch.Tensor:
-    """SDXL micro-conditioning of ``batch`` uncropped square images of side ``size`` px, float32 [batch, 6]:
-    (original h, w, crop top, left, target h, w) = (size, size, 0, 0, size, size)."""
-    row = torch.tensor([size, size, 0, 0, size, size], dtype=torch.float32, device=device)
-    return row.repeat(batch, 1)
-
-
-def condition_from_batch(batch: dict) -> Cond:
-    return {k: batch[k] for k in (*TEXT_KEYS, "time_ids")}
-
-
-def unconditional_like(cond: Cond, uncond_text: dict[str, torch.Tensor] | None) -> Cond:
-    """u for every sample: zeros (uncond_text None) or the encoded empty prompt, broadcast to the batch."""
-    out = {"time_ids": cond["time_ids"]}
-    for k in TEXT_KEYS:
+def unconditional_like(
+    cond: Cond, uncond_text: dict[str, torch.Tensor] | None, text_keys: Sequence[str]
+) -> Cond:
+    """u for every sample: the ``text_keys`` parts zeros (uncond_text None) or the encoded empty prompt,
+    broadcast to the batch; the other parts of ``cond`` kept."""
+    out = {k: v for k, v in cond.items() if k not in text_keys}
+    for k in text_keys:
         if uncond_text is None:
             out[k] = torch.zeros_like(cond[k])
         else:
             out[k] = uncond_text[k].to(cond[k]).expand_as(cond[k])
-    return out
+    return {k: out[k] for k in cond}
 
 
 def replace_where(mask: torch.Tensor, cond: Cond, other: Cond) -> Cond:
@@ -53,16 +47,16 @@ def concat(a: Cond, b: Cond) -> Cond:
     return {k: torch.cat([a[k], b[k]]) for k in a}
 
 
-def unet_eps(unet, x: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
-    """eps prediction of an SDXL UNet for condition ``cond``."""
-    added = {"text_embeds": cond["pooled_prompt_embeds"], "time_ids": cond["time_ids"]}
-    return unet(x, t, encoder_hidden_states=cond["prompt_embeds"], added_cond_kwargs=added).sample
-
-
 def teacher_cfg_eps(
-    unet, x_t: torch.Tensor, t: torch.Tensor, cond: Cond, uncond: Cond, same: torch.Tensor | None
+    denoise: Denoise,
+    unet,
+    x_t: torch.Tensor,
+    t: torch.Tensor,
+    cond: Cond,
+    uncond: Cond,
+    same: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(eps_c, eps_u) from ONE batched forward: [all B conditional | unconditional of the rest].
+    """(out_c, out_u) from ONE batched forward: [all B conditional | unconditional of the rest].
 
     ``same`` marks samples whose condition already is u (dropped captions): their unconditional
     prediction equals the conditional one and is not computed twice. ``same=None``: all B computed.
@@ -74,7 +68,7 @@ def teacher_cfg_eps(
     else:  # a data-dependent size: free for a host mask, one device sync for a mask on the GPU
         need = (~same).nonzero().squeeze(1).to(x_t.device, non_blocking=True)
     both = concat(cond, select(uncond, need))
-    eps = unet_eps(unet, torch.cat([x_t, x_t[need]]), torch.cat([t, t[need]]), both)
+    eps = denoise(unet, torch.cat([x_t, x_t[need]]), torch.cat([t, t[need]]), both)
     eps_c = eps[:B]
     eps_u = eps_c.clone()
     eps_u[need] = eps[B:]

@@ -34,7 +34,8 @@ class LoRAConfig:
         rank: LoRA rank r.
         alpha: LoRA alpha; the scale is alpha / rank. None = rank (scale 1); the authors left peft's
             default 8 (scale 8/64 at rank 64).
-        target_modules: module names that get adapters; None = the 14 names of the authors' SDXL run.
+        target_modules: module names that get adapters; None = the family's default (the 14 names of
+            the authors' SDXL run, the same for SD1.5).
         fused: fp32 forwards with merged weights W + s B A (about the bare UNet's cost); False: peft's
             unmerged LoRA layers.
     """
@@ -63,7 +64,9 @@ class ModelConfig:
     """The base model and its LoRA (the ``model`` config group).
 
     Attributes:
-        pretrained: diffusers SDXL folder or hub id (offline: a local folder).
+        family: the model family (``models/families``): ``sdxl`` or ``sd15`` (SD1.5 and SD2.x); it decides
+            the loading, the condition, the UNet call, the pipeline class and the cached tensors.
+        pretrained: diffusers folder or hub id of that family (offline: a local folder).
         revision: hub revision (branch, tag or commit); None = the default branch.
         variant: weight-file variant, e.g. ``fp16`` to load the fp16 files; None = the full files.
         base_dtype: dtype of the frozen base weights: fp32 | bf16 | fp16 (the LoRA stays fp32).
@@ -74,10 +77,11 @@ class ModelConfig:
             fly (``data=raw``).
         build_if_missing: call ``builder`` to write ``pretrained`` when that folder has no UNet.
         builder: dotted path of a function called with the folder, e.g.
-            ``tdd_lightning.models.tiny.build_tiny_sdxl``.
+            ``tdd_lightning.models.tiny.build_tiny_sdxl`` (``build_tiny_sd15`` for the SD1.5 family).
         lora: the adapters (``LoRAConfig``).
     """
 
+    family: str = "sdxl"
     pretrained: str = "stabilityai/stable-diffusion-xl-base-1.0"
     revision: str | None = None
     variant: str | None = None
@@ -93,6 +97,10 @@ class ModelConfig:
     def __post_init__(self):
         names = ", ".join(DTYPES)
         check(self.base_dtype in DTYPES, "model.base_dtype", self.base_dtype, f"must be one of {names}")
+        from tdd_lightning.models.families import FAMILIES
+
+        known = ", ".join(FAMILIES)
+        check(self.family in FAMILIES, "model.family", self.family, f"must be one of {known}")
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any]) -> ModelConfig:

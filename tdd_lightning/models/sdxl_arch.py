@@ -60,21 +60,65 @@ SDXL_TEXT = {
 }
 
 
-def sdxl_unet(
-    sample_size: int = 128,
+SAMPLE_SIZE, SCHEDULER = 128, SDXL_SCHEDULER  # the bench's defaults (bench/build.py)
+
+
+def random_unet(
+    config: dict,
+    sample_size: int,
     device: torch.device | str | None = None,
     dtype: torch.dtype | None = None,
     seed: int = 0,
 ):
-    """SDXL base's UNet with random weights, built directly on ``device`` (``"meta"``: shapes only)."""
+    """A UNet of a published ``config`` with random weights, built directly on ``device`` (``"meta"``:
+    shapes only)."""
     from diffusers import UNet2DConditionModel
 
     torch.manual_seed(seed)
     with torch.device(device or "cpu"):
-        unet = UNet2DConditionModel(**{**SDXL_UNET_CONFIG, "sample_size": sample_size})
+        unet = UNet2DConditionModel(**{**config, "sample_size": sample_size})
     if dtype is not None:
         unet = unet.to(dtype)
     return unet.requires_grad_(False).eval()
+
+
+def sdxl_unet(sample_size: int = 128, device=None, dtype: torch.dtype | None = None, seed: int = 0):
+    """SDXL base's UNet with random weights (``random_unet`` of ``SDXL_UNET_CONFIG``)."""
+    return random_unet(SDXL_UNET_CONFIG, sample_size, device, dtype, seed)
+
+
+unet = sdxl_unet  # the bench's name for this architecture's UNet
+
+
+def write_arch_folder(out_dir: str | Path, unet_module, scheduler, text: dict[str, dict]) -> Path:
+    """A diffusers-layout folder: the random UNet, the scheduler, the text encoders' configs (no weights)."""
+    out_dir = Path(out_dir)
+    unet_module.save_pretrained(out_dir / "unet")
+    scheduler.save_pretrained(out_dir / "scheduler")
+    for name, cfg in text.items():
+        (out_dir / name).mkdir(parents=True, exist_ok=True)
+        (out_dir / name / "config.json").write_text(json.dumps(cfg, indent=2))
+    return out_dir
+
+
+def arch_main(argv, name: str, build, sample_size: int) -> None:
+    """The command line of ``python -m tdd_lightning.models.<name>_arch OUT [--sample-size S]``."""
+    p = argparse.ArgumentParser(
+        description=f"Write {name}'s UNet architecture with random weights (no download)."
+    )
+    p.add_argument("out_dir", help="folder to write (unet/, scheduler/, text_encoder*/config.json)")
+    p.add_argument("--sample-size", type=int, default=sample_size, help="latent side (image side = 8x)")
+    a = p.parse_args(argv)
+    path = build(a.out_dir, a.sample_size)
+    size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / 2**30
+    print(f"wrote {name}-architecture UNet (random weights) to {path} ({size:.1f} GiB)")
+
+
+def text_shapes() -> dict[str, tuple[int, ...]]:
+    """The SDXL family's text tensors at SDXL's widths: (77, 2048) and (1280,)."""
+    from tdd_lightning.models.families.sdxl import SDXL
+
+    return SDXL.text_shapes_of(SDXL_TEXT["text_encoder"], SDXL_TEXT["text_encoder_2"])
 
 
 def text_dims() -> tuple[int, int]:
@@ -87,26 +131,14 @@ def build_sdxl_arch(out_dir: str | Path, sample_size: int = 128, dtype: torch.dt
     """Write a diffusers-layout folder: random SDXL UNet + scheduler + text-encoder configs (no weights)."""
     from diffusers import EulerDiscreteScheduler
 
-    out_dir = Path(out_dir)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    sdxl_unet(sample_size, device=device, dtype=dtype).save_pretrained(out_dir / "unet")
-    EulerDiscreteScheduler(**SDXL_SCHEDULER).save_pretrained(out_dir / "scheduler")
-    for name, cfg in SDXL_TEXT.items():
-        (out_dir / name).mkdir(parents=True, exist_ok=True)
-        (out_dir / name / "config.json").write_text(json.dumps({**cfg, "projection_dim": 1280}, indent=2))
-    return out_dir
+    text = {name: {**cfg, "projection_dim": 1280} for name, cfg in SDXL_TEXT.items()}
+    unet_module = sdxl_unet(sample_size, device=device, dtype=dtype)
+    return write_arch_folder(out_dir, unet_module, EulerDiscreteScheduler(**SDXL_SCHEDULER), text)
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(
-        description="Write SDXL's UNet architecture with random weights (no download)."
-    )
-    p.add_argument("out_dir", help="folder to write (unet/, scheduler/, text_encoder*/config.json)")
-    p.add_argument("--sample-size", type=int, default=128, help="latent side (image side = 8x)")
-    a = p.parse_args(argv)
-    path = build_sdxl_arch(a.out_dir, a.sample_size)
-    size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / 2**30
-    print(f"wrote SDXL-architecture UNet (random weights) to {path} ({size:.1f} GiB)")
+    arch_main(argv, "SDXL", build_sdxl_arch, 128)
 
 
 if __name__ == "__main__":

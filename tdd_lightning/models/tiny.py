@@ -1,8 +1,10 @@
-"""A tiny SDXL-shaped pipeline with random weights, built from configs and saved with save_pretrained.
+"""Tiny pipelines with random weights, built from configs and saved with save_pretrained.
 
-Same component layout as SDXL base (UNet with the ``text_time`` added condition, 4-level VAE with
-scale factor 8, two CLIP text encoders, the second with a projection, and two tokenizers), so the real
-loader and every SDXL code path run on it. ``python -m tdd_lightning.models.tiny OUT`` writes one.
+``build_tiny_sdxl``: the component layout of SDXL base (UNet with the ``text_time`` added condition,
+4-level VAE with scale factor 8, two CLIP text encoders, the second with a projection, two tokenizers).
+``build_tiny_sd15``: SD1.5's (UNet without added conditions, one CLIP text encoder), with any noise
+schedule (e.g. v-prediction with zero terminal SNR). The real loaders and every code path of each
+family run on them. ``python -m tdd_lightning.models.tiny OUT [--family sd15]`` writes one.
 """
 
 from __future__ import annotations
@@ -57,21 +59,32 @@ class TinySDXLConfig:
         )
 
 
-def unet_from_config(cfg: TinySDXLConfig):
+def small_unet(cfg, down_block_types, up_block_types, **kwargs):
+    """A UNet2DConditionModel of a tiny config's widths (size, channels, heads, groups) + ``kwargs``."""
     from diffusers import UNet2DConditionModel
 
-    n = len(cfg.block_out_channels)
     return UNet2DConditionModel(
         sample_size=cfg.sample_size,
         in_channels=cfg.latent_channels,
         out_channels=cfg.latent_channels,
-        down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (n - 1),
-        up_block_types=("CrossAttnUpBlock2D",) * (n - 1) + ("UpBlock2D",),
+        down_block_types=down_block_types,
+        up_block_types=up_block_types,
         block_out_channels=cfg.block_out_channels,
         layers_per_block=cfg.layers_per_block,
         attention_head_dim=cfg.attention_head_dim,
-        transformer_layers_per_block=cfg.transformer_layers_per_block,
         norm_num_groups=cfg.norm_num_groups,
+        **kwargs,
+    )
+
+
+def unet_from_config(cfg: TinySDXLConfig):
+    """SDXL's layout: attention in the lower levels, the ``text_time`` added condition."""
+    n = len(cfg.block_out_channels)
+    return small_unet(
+        cfg,
+        ("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (n - 1),
+        ("CrossAttnUpBlock2D",) * (n - 1) + ("UpBlock2D",),
+        transformer_layers_per_block=cfg.transformer_layers_per_block,
         cross_attention_dim=sum(cfg.text_hidden_size),
         use_linear_projection=True,
         addition_embed_type="text_time",
@@ -113,7 +126,7 @@ def vae_from_config(cfg: TinySDXLConfig):
 
 
 def text_encoder_from_config(
-    cfg: TinySDXLConfig, hidden: int, vocab_size: int, eos_id: int, projection: bool
+    cfg: TinySDXLConfig | TinySD15Config, hidden: int, vocab_size: int, eos_id: int, projection: bool
 ):
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
@@ -145,7 +158,7 @@ def build_tiny_sdxl(out_dir: str | Path, cfg: TinySDXLConfig | None = None) -> P
 def _build_and_save(out_dir: Path, cfg: TinySDXLConfig) -> Path:
     from diffusers import EulerDiscreteScheduler
 
-    from tdd_lightning.models.loading import SDXLComponents
+    from tdd_lightning.models.families.sdxl import SDXLComponents
     from tdd_lightning.models.tokenizer import EOS, make_clip_tokenizer
 
     tokenizer = make_clip_tokenizer(cfg.words)
@@ -163,17 +176,95 @@ def _build_and_save(out_dir: Path, cfg: TinySDXLConfig) -> Path:
     return out_dir
 
 
+# SD1.5's published noise schedule (the same betas as SDXL); the tiny SD1.5 folder saves a DDIMScheduler
+SD15_SCHEDULER = dict(
+    num_train_timesteps=1000,
+    beta_start=0.00085,
+    beta_end=0.012,
+    beta_schedule="scaled_linear",
+    prediction_type="epsilon",
+    steps_offset=1,
+    clip_sample=False,
+    set_alpha_to_one=False,
+)
+
+
+@dataclass
+class TinySD15Config:
+    """A tiny SD1.5-shaped pipeline: UNet without added conditions, one CLIP text encoder.
+
+    ``scheduler``: keys over ``SD15_SCHEDULER``, e.g. ``{"prediction_type": "v_prediction",
+    "rescale_betas_zero_snr": True, "timestep_spacing": "trailing"}`` for a zero-SNR v-model.
+    """
+
+    sample_size: int = 8
+    block_out_channels: tuple[int, ...] = (32, 64)
+    layers_per_block: int = 1
+    attention_head_dim: tuple[int, ...] = (2, 4)
+    norm_num_groups: int = 8
+    text_hidden_size: int = 32
+    text_layers: int = 3
+    projection_dim: int = 32
+    vae_block_out_channels: tuple[int, ...] = (16, 16, 32, 32)
+    latent_channels: int = 4
+    words: list[str] = field(default_factory=list)
+    scheduler: dict = field(default_factory=dict)
+    seed: int = 0
+
+
+def sd15_unet_from_config(cfg: TinySD15Config):
+    """SD1.5's layout: attention in the upper levels, no added condition."""
+    n = len(cfg.block_out_channels)
+    down = ("CrossAttnDownBlock2D",) * (n - 1) + ("DownBlock2D",)
+    up = ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (n - 1)
+    return small_unet(cfg, down, up, cross_attention_dim=cfg.text_hidden_size)
+
+
+def build_tiny_sd15(out_dir: str | Path, cfg: TinySD15Config | None = None) -> Path:
+    """Build a tiny SD1.5-shaped pipeline with random weights (seeded) and ``save_pretrained`` it."""
+    from diffusers import DDIMScheduler
+
+    from tdd_lightning.models.families.sd15 import SD15Components
+    from tdd_lightning.models.tokenizer import EOS, make_clip_tokenizer
+
+    cfg = cfg or TinySD15Config()
+    out_dir = Path(out_dir)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        tokenizer = make_clip_tokenizer(cfg.words)
+        eos_id = tokenizer.convert_tokens_to_ids(EOS)
+        vae = small_autoencoder(
+            cfg.vae_block_out_channels,
+            cfg.latent_channels,
+            8,
+            sample_size=cfg.sample_size * 2 ** (len(cfg.vae_block_out_channels) - 1),
+        )
+        te = text_encoder_from_config(cfg, cfg.text_hidden_size, len(tokenizer), eos_id, projection=False)
+        unet = sd15_unet_from_config(cfg)
+        scheduler = DDIMScheduler(**{**SD15_SCHEDULER, **cfg.scheduler})
+        SD15Components(unet, vae, te, tokenizer, scheduler).to_pipeline().save_pretrained(out_dir)
+    return out_dir
+
+
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description="Write a tiny random SDXL-shaped diffusers pipeline folder.")
+    p = argparse.ArgumentParser(
+        description="Write a tiny random SDXL- or SD1.5-shaped diffusers pipeline folder."
+    )
     p.add_argument("out_dir", help="folder to write (diffusers layout: unet/, vae/, text_encoder/, ...)")
     p.add_argument("--sample-size", type=int, default=8, help="latent side (image side = 8x)")
     p.add_argument("--channels", type=int, nargs="+", default=[32, 64], help="UNet block_out_channels")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--family", choices=("sdxl", "sd15"), default="sdxl")
     a = p.parse_args(argv)
-    cfg = TinySDXLConfig.from_channels(a.channels, sample_size=a.sample_size, seed=a.seed)
-    path = build_tiny_sdxl(a.out_dir, cfg)
+    if a.family == "sd15":
+        heads = tuple(max(1, c // 16) for c in a.channels)
+        cfg15 = TinySD15Config(a.sample_size, tuple(a.channels), attention_head_dim=heads, seed=a.seed)
+        path = build_tiny_sd15(a.out_dir, cfg15)
+    else:
+        cfg = TinySDXLConfig.from_channels(a.channels, sample_size=a.sample_size, seed=a.seed)
+        path = build_tiny_sdxl(a.out_dir, cfg)
     size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / 2**20
-    print(f"wrote tiny SDXL-shaped pipeline to {path} ({size:.1f} MiB)")
+    print(f"wrote tiny {a.family} pipeline to {path} ({size:.1f} MiB)")
 
 
 if __name__ == "__main__":

@@ -4,9 +4,10 @@ Every strategy has the same two calls:
 - ``sample_times(batch_size, generator)`` -> (t, t'): start time on the teacher grid and the teacher's
   end time t' = max(t - T/N, 0);
 - ``select(t_prime, generator)`` -> s: the target time;
-one parameterisation, ``consistency(x, eps, t, s, schedule)``: the map from (x at t, predicted eps)
-to the point the student and the target are compared at; and ``inference_schedule()``: the scheduler
-settings a LoRA trained with it carries (grid, step range, trained s_ratio, recommended steps and eta).
+one parameterisation, ``consistency(x, eps, t, s, schedule, x0=None)``: the map from (x at t, the
+model's eps and x0 from ``diffusion.to_eps_x0``; x0 None: derived from eps) to the point the student
+and the target are compared at; and ``inference_schedule()``: the scheduler settings a LoRA trained
+with it carries (grid, step range, trained s_ratio, recommended steps and eta).
 """
 
 from __future__ import annotations
@@ -55,12 +56,18 @@ class TargetSelection:
         raise NotImplementedError
 
     def consistency(
-        self, x: torch.Tensor, eps: torch.Tensor, t: torch.Tensor, s: torch.Tensor, schedule: NoiseSchedule
+        self,
+        x: torch.Tensor,
+        eps: torch.Tensor,
+        t: torch.Tensor,
+        s: torch.Tensor,
+        schedule: NoiseSchedule,
+        x0: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """DDIM jump from t straight to s."""
         a_t, sigma_t = schedule.a_sigma(t, x)
         a_s, sigma_s = schedule.a_sigma(s, x)
-        return ddim_jump(x, eps, a_t, sigma_t, a_s, sigma_s)
+        return ddim_jump(x, eps, a_t, sigma_t, a_s, sigma_s, x0=x0)
 
     def inference_schedule(self) -> InferenceSchedule:
         """The schedule a LoRA trained with this strategy is sampled with. Base: the default step range
@@ -140,13 +147,13 @@ class LCMSelection(TargetSelection):
     def select(self, t_prime: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         return t_prime.clone()
 
-    def consistency(self, x, eps, t, s, schedule):
+    def consistency(self, x, eps, t, s, schedule, x0=None):
         """f(x, t) = c_skip(t) x + c_out(t) x0_hat: maps to time 0 whatever s (LCM's parameterisation)."""
         a_t, sigma_t = schedule.a_sigma(t, x)
         c_skip, c_out = boundary_scalings(t, self.sigma_data, self.timestep_scaling)
         view = (-1,) + (1,) * (x.ndim - 1)
         c_skip, c_out = c_skip.to(x).view(view), c_out.to(x).view(view)
-        return lcm_consistency(x, eps, a_t, sigma_t, c_skip, c_out)
+        return lcm_consistency(x, eps, a_t, sigma_t, c_skip, c_out, x0=x0)
 
 
 class TCDSelection(TargetSelection):

@@ -126,13 +126,12 @@ class EncodedCaptions:
     text_encoder_2: torch.nn.Module
     captions: list[str]
     caption_index: torch.Tensor  # [N] index into captions
-    prompt_embeds: torch.Tensor  # [len(captions), 77, D]
-    pooled: torch.Tensor  # [len(captions), D2]
+    text: dict[str, torch.Tensor]  # the SDXL text parts of each caption: [len(captions), ...]
 
 
 def stage_encode(a: argparse.Namespace, vae, attributes: list[dict]) -> EncodedCaptions:
     """2. Encode the unique captions (the text encoders of ``--init-unet``, else fresh seeded ones)."""
-    from tdd_lightning.models.encoder import SDXLEncoder
+    from tdd_lightning.models.families.sdxl import SDXLEncoder
 
     if a.init_unet:  # keep the text encoders the UNet was trained with
         from tdd_lightning.models import load_sdxl_components
@@ -145,17 +144,16 @@ def stage_encode(a: argparse.Namespace, vae, attributes: list[dict]) -> EncodedC
     captions = sorted({x["caption"] for x in attributes})
     lookup = {c: i for i, c in enumerate(captions)}
     caption_index = torch.tensor([lookup[x["caption"]] for x in attributes])
-    embeds, pooled = zip(
-        *(encoder.encode_text(captions[i : i + 512]) for i in range(0, len(captions), 512)), strict=True
-    )
-    return EncodedCaptions(tokenizer, te1, te2, captions, caption_index, torch.cat(embeds), torch.cat(pooled))
+    chunks = [encoder.encode_captions(captions[i : i + 512]) for i in range(0, len(captions), 512)]
+    text = {k: torch.cat([c[k] for c in chunks]) for k in chunks[0]}
+    return EncodedCaptions(tokenizer, te1, te2, captions, caption_index, text)
 
 
 def stage_unet(a: argparse.Namespace, latents: torch.Tensor, text: EncodedCaptions, info: dict):
     """3. The UNet (fresh and seeded, or ``--init-unet``'s) trained as an eps-prediction model on the scaled
     latents; records ``init_unet`` and ``unet`` in ``info``. Returns its EMA copy."""
     from tdd_lightning.diffusion import NoiseSchedule
-    from tdd_lightning.models.conditioning import square_time_ids
+    from tdd_lightning.models.families.sdxl import SDXL
     from tdd_lightning.models.tiny import SDXL_SCHEDULER
 
     tcfg = TeacherConfig(steps=a.unet_steps, batch_size=a.unet_batch, lr=a.unet_lr, seed=a.seed)
@@ -168,7 +166,7 @@ def stage_unet(a: argparse.Namespace, latents: torch.Tensor, text: EncodedCaptio
     schedule = NoiseSchedule.from_config(SDXL_SCHEDULER)
     t0 = time.time()
     ema, loss = train_teacher(
-        unet, latents, text.caption_index, text.prompt_embeds, text.pooled, square_time_ids(IMAGE_SIZE, 1),
+        unet, latents, text.caption_index, text.text, SDXL.square_geometry(IMAGE_SIZE, 1),
         schedule, tcfg, progress=not a.no_progress,
     )  # fmt: skip
     info["unet"] = asdict(tcfg) | {
@@ -184,7 +182,7 @@ def save_pipeline(out: Path, vae, text: EncodedCaptions, unet) -> None:
     """The diffusers folder: the parts as a stock SDXL pipeline (Euler scheduler), in fp16."""
     from diffusers import EulerDiscreteScheduler
 
-    from tdd_lightning.models.loading import SDXLComponents
+    from tdd_lightning.models.families.sdxl import SDXLComponents
     from tdd_lightning.models.tiny import SDXL_SCHEDULER
 
     parts = SDXLComponents(

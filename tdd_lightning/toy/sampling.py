@@ -17,23 +17,12 @@ IMAGE_SIZE = 32
 
 @torch.no_grad()
 def encode_prompts(components, captions: list[str]) -> dict[str, torch.Tensor]:
-    """The conditions of ``captions`` (float32, time ids of a 32x32 uncropped image)."""
-    from tdd_lightning.models.conditioning import square_time_ids
-    from tdd_lightning.models.encoder import SDXLEncoder
+    """The conditions of ``captions`` (float32; the toy teacher is of the SDXL family: its geometry parts
+    are those of a 32x32 uncropped image)."""
+    from tdd_lightning.models.families.sdxl import SDXL
 
-    enc = SDXLEncoder(
-        components.vae,
-        components.text_encoder,
-        components.text_encoder_2,
-        components.tokenizer,
-        components.tokenizer_2,
-    )
-    embeds, pooled = enc.encode_text(captions)
-    return {
-        "prompt_embeds": embeds,
-        "pooled_prompt_embeds": pooled,
-        "time_ids": square_time_ids(IMAGE_SIZE, len(captions)),
-    }
+    text = SDXL.encoder(components).encode_captions(captions)
+    return SDXL.condition(text, SDXL.square_geometry(IMAGE_SIZE, len(captions)))
 
 
 def initial_noise(n: int, seed: int, channels: int = 4, side: int = IMAGE_SIZE // 4) -> torch.Tensor:
@@ -71,8 +60,8 @@ def sample_images(
     cell is reproducible. ``progress``: a bar over the UNet steps (batches x steps) on stderr.
 
     CFG is standard (eps_u + g (eps_c - eps_u), against the zeros condition) from one batched forward
-    [conditional | unconditional] per step (``teacher_cfg_eps``); g = 1 runs the conditional alone."""
-    from tdd_lightning.models.conditioning import teacher_cfg_eps, unconditional_like, unet_eps
+    [conditional | unconditional] per step (``ModelFamily.cfg_outputs``); g = 1 runs the conditional alone."""
+    from tdd_lightning.models.families.sdxl import SDXL
 
     out = []
     generator = torch.Generator(device=x_T.device).manual_seed(renoise_seed(seed))
@@ -81,13 +70,13 @@ def sample_images(
     with progress_bar(total=len(starts) * len(timesteps), desc=desc, unit="step", enabled=progress) as bar:
         for i in starts:
             c = {k: v[i : i + batch_size] for k, v in cond.items()}
-            u = unconditional_like(c, None)
+            u = SDXL.unconditional_like(c, None)
 
             def eps_fn(x, t, c=c, u=u):
                 if guidance == 1.0:
-                    eps = unet_eps(unet, x, t, c)
+                    eps = SDXL.denoise(unet, x, t, c)
                 else:
-                    eps_c, eps_u = teacher_cfg_eps(unet, x, t, c, u, same=None)
+                    eps_c, eps_u = SDXL.cfg_outputs(unet, x, t, c, u, same=None)
                     eps = eps_u + guidance * (eps_c - eps_u)
                 bar.update(1)
                 return eps

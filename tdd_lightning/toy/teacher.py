@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from tdd_lightning.diffusion import NoiseSchedule, append_dims
-from tdd_lightning.models.conditioning import unet_eps
+from tdd_lightning.models.families.sdxl import SDXL
 from tdd_lightning.progress import progress_bar
 from tdd_lightning.toy.vae import cosine_lr
 
@@ -43,15 +43,15 @@ def train_teacher(
     unet,
     latents: torch.Tensor,
     caption_index: torch.Tensor,
-    prompt_embeds: torch.Tensor,
-    pooled: torch.Tensor,
-    time_ids: torch.Tensor,
+    text: dict[str, torch.Tensor],
+    geometry: dict[str, torch.Tensor],
     schedule: NoiseSchedule,
     cfg: TeacherConfig,
     progress: bool = True,
 ):
-    """Train ``unet`` on scaled latents [N, C, h, w]; sample i has caption ``caption_index[i]`` whose
-    embeddings are ``prompt_embeds[j]`` / ``pooled[j]``. Returns (EMA copy of the UNet, last loss)."""
+    """Train ``unet`` (an SDXL-family UNet) on scaled latents [N, C, h, w]; sample i has caption
+    ``caption_index[i]`` whose text parts are ``text[k][j]``; ``geometry``: the other condition parts of
+    one image ([1, ...], the same for all). Returns (EMA copy of the UNet, last loss)."""
     g = torch.Generator().manual_seed(cfg.seed)
     ema = copy.deepcopy(unet).requires_grad_(False)
     opt = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -64,15 +64,12 @@ def train_teacher(
         idx = torch.randint(0, latents.shape[0], (cfg.batch_size,), generator=g)
         x0, j = latents[idx], caption_index[idx]
         keep = (torch.rand(cfg.batch_size, generator=g) >= cfg.p_uncond).float()
-        cond = {
-            "prompt_embeds": prompt_embeds[j] * append_dims(keep, prompt_embeds.ndim),
-            "pooled_prompt_embeds": pooled[j] * append_dims(keep, pooled.ndim),
-            "time_ids": time_ids.expand(cfg.batch_size, -1),
-        }
+        cond = {k: v[j] * append_dims(keep, v.ndim) for k, v in text.items()}
+        cond.update({k: v.expand(cfg.batch_size, *v.shape[1:]) for k, v in geometry.items()})
         t = torch.randint(0, T, (cfg.batch_size,), generator=g)
         eps = torch.randn(x0.shape, generator=g)
         a_t, sigma_t = schedule.a_sigma(t, x0)
-        loss = (unet_eps(unet, a_t * x0 + sigma_t * eps, t, cond) - eps).pow(2).mean()
+        loss = (SDXL.denoise(unet, a_t * x0 + sigma_t * eps, t, cond) - eps).pow(2).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -52,20 +52,12 @@ class SampleGrid(L.Callback):
     def on_fit_start(self, trainer, pl_module):
         if not self.prompts or not (trainer.is_global_zero or self.sharded(trainer)):
             return
-        from tdd_lightning.models import load_sdxl_components
-        from tdd_lightning.models.conditioning import square_time_ids
-
-        parts = load_sdxl_components(
-            pl_module.model_cfg["pretrained"], load_vae=True, load_text_encoders=True
-        )
-        pipe = parts.to_pipeline()
-        with torch.no_grad():
-            pe, _, pooled, _ = pipe.encode_prompt(
-                self.prompts, device="cpu", do_classifier_free_guidance=False
-            )
-        size = pl_module.unet.config.sample_size * pipe.vae_scale_factor
-        time_ids = square_time_ids(size, len(self.prompts))
-        self.cond = {"prompt_embeds": pe, "pooled_prompt_embeds": pooled, "time_ids": time_ids}
+        family = pl_module.family
+        parts = family.load(pl_module.model_cfg["pretrained"], load_vae=True, load_text_encoders=True)
+        text = family.encoder(parts).encode_captions(self.prompts)
+        scale = 2 ** (len(parts.vae.config.block_out_channels) - 1)
+        size = pl_module.unet.config.sample_size * scale
+        self.cond = family.condition(text, family.square_geometry(size, len(self.prompts)))
         self.vae = parts.vae
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
