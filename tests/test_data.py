@@ -15,6 +15,7 @@ from tdd_lightning.data.dataset import NoValidSamplesError
 from tdd_lightning.data.preprocess import SDXLPreprocess
 from tdd_lightning.data.shards import ShardWriter, expand_shards
 from tdd_lightning.errors import ConfigError
+from tdd_lightning.models.conditioning import time_ids_from_geometry
 
 
 def noise_image(h: int, w: int, seed: int) -> Image.Image:
@@ -40,6 +41,17 @@ def write_shards(folder, n_shards: int, per_shard: int, size=(16, 16), prefix="s
     return paths
 
 
+def ids_of(out: dict) -> torch.Tensor:
+    """SDXL's time ids of a preprocessed sample or batch, from its geometry (as the model builds them)."""
+    ids = time_ids_from_geometry(out["original_size"], out["crop_top_left"], out["pixels"].shape[-2:])
+    return ids[0] if out["pixels"].ndim == 3 else ids
+
+
+def prep(preprocess: SDXLPreprocess, image, rng=None) -> tuple[torch.Tensor, torch.Tensor]:
+    out = preprocess(image, rng)
+    return out["pixels"], ids_of(out)
+
+
 def keys_of(dm: ShardDataModule) -> list[str]:
     return [k for batch in dm.train_dataloader() for k in batch["key"]]
 
@@ -55,19 +67,19 @@ def test_preprocess_time_ids_are_true_size_and_real_crop():
     rng = random.Random(0)
     lefts = set()
     for _ in range(20):
-        pixels, ids = SDXLPreprocess(32, center_crop=False)(img, rng)
+        pixels, ids = prep(SDXLPreprocess(32, center_crop=False), img, rng)
         orig_h, orig_w, top, left, th, tw = ids.int().tolist()
         assert (orig_h, orig_w, top, th, tw) == (32, 48, 0, 32, 32) and 0 <= left <= 16
         assert np.array_equal(to_uint8(pixels), np.asarray(img)[:, left : left + 32])
         lefts.add(left)
     assert len(lefts) > 3  # really random
-    _, ids = SDXLPreprocess(32, center_crop=True)(img)
+    _, ids = prep(SDXLPreprocess(32, center_crop=True), img)
     assert ids.tolist() == [32, 48, 0, 8, 32, 32]
 
     # resized (64x96 -> 32x48): original size before resize, crop corner in resized coordinates
     big = noise_image(64, 96, seed=1)
     resized = np.asarray(big.resize((48, 32), Image.BICUBIC))
-    pixels, ids = SDXLPreprocess(32, center_crop=False)(big, random.Random(3))
+    pixels, ids = prep(SDXLPreprocess(32, center_crop=False), big, random.Random(3))
     orig_h, orig_w, top, left, _, _ = ids.int().tolist()
     assert (orig_h, orig_w) == (64, 96)
     assert np.array_equal(to_uint8(pixels), resized[top : top + 32, left : left + 32])
@@ -75,7 +87,7 @@ def test_preprocess_time_ids_are_true_size_and_real_crop():
     # flip: the corner is that of the same pixels in the flipped resized image
     flips = 0
     for seed in range(10):
-        pixels, ids = SDXLPreprocess(32, center_crop=False, random_flip=True)(big, random.Random(seed))
+        pixels, ids = prep(SDXLPreprocess(32, center_crop=False, random_flip=True), big, random.Random(seed))
         out, left = to_uint8(pixels), int(ids[3])
         flipped = np.array_equal(out, resized[:, ::-1][:, left : left + 32])
         assert flipped or np.array_equal(out, resized[:, left : left + 32])
@@ -83,7 +95,7 @@ def test_preprocess_time_ids_are_true_size_and_real_crop():
     assert 0 < flips < 10
 
     # non-square target, portrait source: the image covers the target
-    pixels, ids = SDXLPreprocess((24, 40), center_crop=True)(noise_image(100, 50, seed=2))
+    pixels, ids = prep(SDXLPreprocess((24, 40), center_crop=True), noise_image(100, 50, seed=2))
     assert pixels.shape == (3, 24, 40) and ids.tolist() == [100, 50, 28, 0, 24, 40]  # resized to 80 x 40
     assert -1.0 <= pixels.min() and pixels.max() <= 1.0
 
@@ -104,7 +116,9 @@ def test_raw_shards_to_batch_with_known_size_and_crop(tmp_path):
     dm.setup("fit")
     (batch,) = list(dm.train_dataloader())
     assert batch["pixels"].shape == (3, 3, 32, 32) and batch["pixels"].dtype == torch.float32
-    assert batch["time_ids"].shape == (3, 6) and batch["time_ids"].dtype == torch.float32
+    assert batch["original_size"].shape == batch["crop_top_left"].shape == (3, 2)
+    assert batch["original_size"].dtype == batch["crop_top_left"].dtype == torch.float32
+    batch["time_ids"] = ids_of(batch)
     assert dm.uncond is None and dm.skipped == 0
     i = {k: j for j, k in enumerate(batch["key"])}
     assert sorted(batch["caption"]) == ["a hand-made image", "a large one", "from json"]
@@ -244,7 +258,7 @@ def test_seeded_order_and_crops_are_reproducible(tmp_path):
         dm = ShardDataModule(str(tmp_path / "s-*.tar"), batch_size=4, num_workers=2, resolution=12, seed=seed)
         dm.setup("fit")
         batches = list(dm.train_dataloader())
-        return [k for b in batches for k in b["key"]], torch.cat([b["time_ids"] for b in batches])
+        return [k for b in batches for k in b["key"]], torch.cat([ids_of(b) for b in batches])
 
     (k0, t0), (k1, t1), (k2, _) = run(0), run(0), run(1)
     assert k0 == k1 and torch.equal(t0, t1)

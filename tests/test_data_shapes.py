@@ -116,7 +116,8 @@ def test_raw_datamodule_reads_shapes(two):
     batches = list(dm.train_dataloader())
     assert sum(len(b["caption"]) for b in batches) == 40 and dm.skipped == 0
     assert batches[0]["pixels"].shape[1:] == (3, 32, 32)
-    assert batches[0]["time_ids"][0].tolist() == [32, 32, 0, 0, 32, 32]
+    assert batches[0]["original_size"][0].tolist() == [32, 32]
+    assert batches[0]["crop_top_left"][0].tolist() == [0, 0]
 
 
 def test_make_shapes_cli(tmp_path):

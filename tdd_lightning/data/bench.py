@@ -2,6 +2,10 @@
 
     python -m tdd_lightning.data.bench                      # synthetic toy-sized cached shards
     python -m tdd_lightning.data.bench --shards "data/cache/shapes-two/train/*.tar"
+    python -m tdd_lightning.data.bench --buckets 8x8 6x10 10x6   # also a bucketed cache (latent sizes)
+
+Besides the plain cache it times a synthetic bucketed cache (one folder of shards per aspect-ratio bucket,
+``--buckets`` latent sizes; batches of one bucket each, buckets drawn in proportion to their sizes).
 
 The training side is a proxy of one distillation step (ALGORITHM.md section 2: one student forward and
 backward, then the target's and the teacher's forwards, counted as three no-grad forwards of the batch)
@@ -27,8 +31,14 @@ def write_synthetic_cache(
     latent_shape: tuple[int, int, int] = (4, 8, 8),
     text_dims: tuple[int, int] = (32, 32),
     seed: int = 0,
+    buckets: list[tuple[int, int]] | None = None,
 ) -> str:
-    """Random tensors in the offline cache's format (as written by ``data.encode``); returns the glob."""
+    """Random tensors in the offline cache's format (as written by ``data.encode``); returns the glob.
+
+    ``buckets``: latent (h, w) sizes: a bucketed cache, sample i in bucket i mod len(buckets), each bucket
+    in its folder ``<8h>x<8w>/`` with ``shards`` shards, and a ``meta.json`` that records them."""
+    if buckets:
+        return _write_bucketed(Path(out_dir), samples, shards, latent_shape[0], text_dims, seed, buckets)
     from safetensors.torch import save_file
 
     from tdd_lightning.data.encode import _sample_bytes
@@ -57,11 +67,38 @@ def write_synthetic_cache(
     return str(out_dir / "shard-*.tar")
 
 
-def loader_rate(shards: str, batch_size: int, num_workers: int, epochs: int = 1) -> tuple[float, dict]:
-    """Steady samples/s over ``epochs`` passes (each epoch's first batch, i.e. worker start-up, excluded)."""
+def _write_bucketed(out_dir: Path, samples, shards, channels, text_dims, seed, buckets) -> str:
+    import json
+
+    meta = {"buckets": {}, "samples": samples}
+    for b, (h, w) in enumerate(buckets):
+        name = f"{8 * h}x{8 * w}"
+        n = len(range(b, samples, len(buckets)))
+        write_synthetic_cache(out_dir / name, n, shards, (channels, h, w), text_dims, seed + b)
+        per = -(-n // shards)
+        counts = {f"shard-{s:06d}.tar": min(n, (s + 1) * per) - s * per for s in range(shards) if s * per < n}
+        meta["buckets"][name] = {"latent_shape": [channels, h, w], "samples": n, "shards": counts}
+        (out_dir / "uncond.safetensors").write_bytes((out_dir / name / "uncond.safetensors").read_bytes())
+    (out_dir / "meta.json").write_text(json.dumps(meta, indent=1))
+    return str(out_dir / "*" / "shard-*.tar")
+
+
+def loader_rate(
+    shards: str,
+    batch_size: int,
+    num_workers: int,
+    epochs: int = 1,
+    bucketed: bool = False,
+    epoch_samples=None,
+) -> tuple[float, dict]:
+    """Steady samples/s over ``epochs`` passes (each epoch's first batch, i.e. worker start-up, excluded).
+    ``bucketed``: a bucketed cache, ``epoch_samples`` samples an epoch."""
     from tdd_lightning.data.datamodule import ShardDataModule
 
-    dm = ShardDataModule(shards, mode="cached", batch_size=batch_size, num_workers=num_workers, seed=0)
+    dm = ShardDataModule(
+        shards, mode="cached", batch_size=batch_size, num_workers=num_workers, seed=0, resampled=bucketed,
+        samples_per_epoch=None if not bucketed else epoch_samples,
+    )  # fmt: skip
     dm.setup("fit")
     n, seconds, batch = 0, 0.0, None
     for _ in range(epochs):
@@ -121,6 +158,12 @@ def main(argv: list[str] | None = None) -> float:
     p.add_argument("--channels", type=int, nargs="+", default=[32, 64], help="proxy UNet block_out_channels")
     p.add_argument("--threads", type=int, default=min(2, torch.get_num_threads()), help="torch threads")
     p.add_argument("--min-ratio", type=float, default=10.0)
+    p.add_argument(
+        "--buckets",
+        nargs="*",
+        default=["8x8", "6x10", "10x6"],
+        help="latent HxW of the bucketed cache (none: skip)",
+    )
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
 
@@ -134,6 +177,20 @@ def main(argv: list[str] | None = None) -> float:
         for w in a.workers:
             rates[w], batch = loader_rate(shards, a.batch_size, w, a.epochs)
             print(f"loader, cached shards, {w} worker(s): {rates[w]:,.0f} samples/s")
+        if a.buckets:
+            sizes = [tuple(int(v) for v in b.split("x")) for b in a.buckets]
+            bucketed = write_synthetic_cache(
+                Path(tmp) / "bucketed", a.samples, 8, (4, *sizes[0]), tuple(a.text_dims), buckets=sizes
+            )
+            for w in a.workers:
+                rate, _ = loader_rate(
+                    bucketed, a.batch_size, w, a.epochs, bucketed=True, epoch_samples=a.samples
+                )
+                rates[f"{w}, {len(sizes)} buckets"] = rate
+                print(
+                    f"loader, bucketed cache ({len(sizes)} buckets {a.buckets}), {w} worker(s): "
+                    f"{rate:,.0f} samples/s"
+                )
     consumed, seconds = train_step_rate(batch, a.steps, tuple(a.channels))
     shapes = {k: list(v.shape) for k, v in batch.items() if isinstance(v, torch.Tensor)}
     print(f"toy training proxy (UNet {a.channels}, {a.threads} threads, {shapes}):")

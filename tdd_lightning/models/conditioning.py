@@ -22,6 +22,20 @@ def square_time_ids(size: int, batch: int, device: torch.device | str | None = N
     return row.repeat(batch, 1)
 
 
+def time_ids_from_geometry(
+    original_size: torch.Tensor, crop_top_left: torch.Tensor, target_size: tuple[int, int] | torch.Tensor
+) -> torch.Tensor:
+    """SDXL's micro-conditioning from a batch's image geometry, float32 [B, 6]:
+    (original h, w, crop top, left, target h, w). ``original_size`` and ``crop_top_left`` are [B, 2]
+    (or [2]); ``target_size`` is (h, w), the size of the pixels (or [B, 2])."""
+    original_size, crop_top_left = original_size.float(), crop_top_left.float()
+    if original_size.ndim == 1:
+        original_size, crop_top_left = original_size[None], crop_top_left[None]
+    target = torch.as_tensor(target_size, dtype=torch.float32, device=original_size.device)
+    target = target.expand(original_size.shape[0], 2)
+    return torch.cat([original_size, crop_top_left.to(original_size.device), target], dim=1)
+
+
 def condition_from_batch(batch: dict) -> Cond:
     return {k: batch[k] for k in (*TEXT_KEYS, "time_ids")}
 

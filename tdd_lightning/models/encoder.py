@@ -15,6 +15,8 @@ from collections.abc import Sequence
 
 import torch
 
+from tdd_lightning.models.conditioning import time_ids_from_geometry
+
 
 class SDXLEncoder(torch.nn.Module):
     """Frozen VAE + text encoders + tokenizers; every method runs without gradients."""
@@ -110,13 +112,16 @@ class SDXLEncoder(torch.nn.Module):
 
     @torch.no_grad()
     def forward(self, batch: dict, sample: bool = False, generator: torch.Generator | None = None) -> dict:
-        """A raw batch (``pixels``, ``caption``, ``time_ids``) -> a cached-format batch."""
+        """A raw batch (``pixels``, ``caption``, ``original_size``, ``crop_top_left``) -> a cached-format
+        batch (the time ids built from the geometry and the pixels' size)."""
         prompt_embeds, pooled = self.encode_text(batch["caption"])
+        pixels = batch["pixels"]
+        time_ids = time_ids_from_geometry(batch["original_size"], batch["crop_top_left"], pixels.shape[-2:])
         out = {
-            "latents": self.encode_images(batch["pixels"], sample, generator),
+            "latents": self.encode_images(pixels, sample, generator),
             "prompt_embeds": prompt_embeds,
             "pooled_prompt_embeds": pooled,
-            "time_ids": batch["time_ids"].float(),
+            "time_ids": time_ids.to(self.device),
             "caption": list(batch["caption"]),
         }
         if "key" in batch:
