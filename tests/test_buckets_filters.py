@@ -14,6 +14,7 @@ from tdd_lightning.data.encode import main as encode_main
 from tdd_lightning.data.filters import SampleFilter
 from tdd_lightning.data.fixture import BAD, FIXTURE_FILTERS, make_laion_fixture
 from tdd_lightning.errors import ConfigError
+from tests.test_data_resume import _stream
 
 BUCKETS = "32x32,24x48,48x24,16x64"  # multiples of the tiny VAE's factor 8
 # hand-computed: (h, w) -> (bucket, crop top, crop left) with a centre crop after covering the bucket
@@ -136,22 +137,12 @@ def test_bucket_frequencies_match_sizes():
 def test_bucketed_cache_resumes_exactly(bucketed, monkeypatch):
     out, _ = bucketed
 
-    def keys(dm, steps):
-        loader, got = dm.train_dataloader(), []
-        while len(got) < steps:
-            for batch in loader:
-                dm.on_before_batch_transfer(batch, 0)
-                got.append(batch["key"])
-                if len(got) == steps:
-                    break
-        return got
-
-    straight = keys(_bucket_module(out, 0, 1, monkeypatch), 50)  # 40 steps an epoch: crosses one
+    straight = _stream(_bucket_module(out, 0, 1, monkeypatch), 50)  # 40 steps an epoch: crosses one
     first = _bucket_module(out, 0, 1, monkeypatch)
-    assert keys(first, 17) == straight[:17]
+    assert _stream(first, 17) == straight[:17]
     again = _bucket_module(out, 0, 1, monkeypatch)
     again.load_state_dict(first.state_dict())
-    assert keys(again, 33) == straight[17:]
+    assert _stream(again, 33) == straight[17:]
 
 
 def test_buckets_are_refused_where_they_cannot_work(laion, tmp_path):

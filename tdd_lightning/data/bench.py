@@ -111,6 +111,58 @@ def loader_rate(
     return n / max(seconds, 1e-9), batch
 
 
+def skip_ahead(
+    tmp: str | Path, total: int = 10**7, at: int = 10**6, per_shard: int = 1000, batch_size: int = 32,
+    readers: int = 32,
+) -> tuple[float, float, int]:  # fmt: skip
+    """Seconds to the first batch of a fresh start and of a resume ``at`` samples into an epoch of a
+    ``total``-sample cache read by ``readers`` readers (ranks x workers; timed: rank 0's), and the
+    samples its resume passes by header walks. The cache is ``total / per_shard`` shard names, links to one
+    real shard of ``per_shard`` toy-sized samples (no index: the position is arithmetic). After ``at``
+    samples each reader stands ``at / readers`` samples into its shards: in block b of 4 shards, each
+    stream the same share into the block."""
+    import os
+
+    from tdd_lightning.data.datamodule import ShardDataModule
+    from tdd_lightning.data.position import Position
+
+    tmp = Path(tmp)
+    real = Path(write_synthetic_cache(tmp / "one", per_shard, 1)).parent / "shard-000000.tar"
+    (tmp / "big").mkdir()
+    for i in range(total // per_shard):
+        os.symlink(real, tmp / "big" / f"shard-{i:06d}.tar")
+    os.symlink(tmp / "one" / "uncond.safetensors", tmp / "big" / "uncond.safetensors")
+    k = 4
+    block, into = divmod(at // readers, k * per_shard)
+    taken = [into // k + (i < into % k) for i in range(k)]
+    env = {v: os.environ.get(v) for v in ("RANK", "WORLD_SIZE")}
+    os.environ.update(RANK="0", WORLD_SIZE=str(readers))  # rank 0 of ``readers`` one-worker ranks
+
+    def first_batch(position) -> float:
+        dm = ShardDataModule(str(tmp / "big" / "shard-*.tar"), mode="cached", batch_size=batch_size,
+                             num_workers=0, shuffle_shards=k, resampled=False)  # fmt: skip
+        dm.setup("fit")
+        if position is not None:
+            state = dm.position.state_dict()
+            state |= {
+                "epoch": 0,
+                "readers": {0: {0: {"streams": {"all": position.to_dict()}}}},
+                "last": {0: 0},
+            }
+            dm.load_state_dict({"position": state})
+        start = time.perf_counter()
+        next(iter(dm.train_dataloader()))
+        return time.perf_counter() - start
+
+    try:
+        fresh = first_batch(None)
+        resumed = first_batch(Position(0, block, into, taken, [False] * k))
+    finally:
+        for v, old in env.items():
+            os.environ.pop(v) if old is None else os.environ.__setitem__(v, old)
+    return fresh, resumed, into
+
+
 def train_step_rate(batch: dict, steps: int = 5, channels: tuple[int, ...] = (32, 64)) -> tuple[float, float]:
     """Samples/s of a distillation-step proxy at the batch's shapes; also the median step time (s)."""
     from tdd_lightning.models.tiny import TinySDXLConfig, unet_from_config
@@ -159,6 +211,11 @@ def main(argv: list[str] | None = None) -> float:
     p.add_argument("--threads", type=int, default=min(2, torch.get_num_threads()), help="torch threads")
     p.add_argument("--min-ratio", type=float, default=10.0)
     p.add_argument(
+        "--skip-ahead",
+        action="store_true",
+        help="only time a resume at sample 10^6 of a 10^7-sample cache (first batch, fresh vs resumed)",
+    )
+    p.add_argument(
         "--buckets",
         nargs="*",
         default=["8x8", "6x10", "10x6"],
@@ -166,6 +223,15 @@ def main(argv: list[str] | None = None) -> float:
     )
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
+    if a.skip_ahead:
+        with tempfile.TemporaryDirectory() as tmp:
+            fresh, resumed, walked = skip_ahead(tmp, batch_size=a.batch_size)
+        print(
+            f"skip-ahead: first batch {fresh * 1000:.0f} ms fresh, {resumed * 1000:.0f} ms resumed at sample "
+            f"10^6 of 10^7 (10,000 shards of 1,000, 32 readers: rank 0 resumes {walked} samples into its "
+            "current block of 4 shards, passed by header walks; the shards before it are not opened)"
+        )
+        return resumed
 
     with tempfile.TemporaryDirectory() as tmp:
         shards = a.shards
