@@ -210,3 +210,29 @@ def test_ddp_two_ranks_resume_equals_the_straight_run(tiny_sdxl_dir, tmp_path):
     assert not {k for row in straight[0][:12] for k in row[1]} & {
         k for row in straight[1][:12] for k in row[1]
     }
+
+
+def test_persistent_workers_read_the_same_epochs(tmp_path):
+    write_shards(tmp_path, 4, 5, size=(8, 8))
+
+    def epochs(persistent):
+        dm = ShardDataModule(str(tmp_path / "s-*.tar"), batch_size=2, num_workers=2, resolution=8,
+                             persistent_workers=persistent)  # fmt: skip
+        dm.setup("fit")
+        loader = dm.train_dataloader()
+        return [[k for b in loader for k in b["key"]] for _ in range(3)]
+
+    plain = epochs(False)
+    assert plain[0] != plain[1] and sorted(plain[0]) == sorted(plain[1])
+    assert epochs(True) == plain  # a persistent worker moves on to the next epoch by itself
+
+
+def test_a_checkpoint_without_a_data_position_says_so(tmp_path, capsys):
+    from types import SimpleNamespace
+
+    write_shards(tmp_path, 2, 2, size=(8, 8))
+    dm = ShardDataModule(str(tmp_path / "s-*.tar"), batch_size=2, num_workers=0, resolution=8)
+    dm.trainer = SimpleNamespace(global_rank=0, world_size=1, ckpt_path="old.ckpt")
+    dm.setup("fit")
+    dm.train_dataloader()
+    assert "the checkpoint old.ckpt holds none" in capsys.readouterr().out

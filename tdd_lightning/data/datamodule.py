@@ -353,6 +353,13 @@ class ShardDataModule(L.LightningDataModule):
                 resume = (readers, first)
                 self.position.load_state_dict(self._restored)
             self._restored = None
+        elif getattr(self.trainer, "ckpt_path", None) and dataset.rank == 0:
+            message = (
+                f"data position: the checkpoint {self.trainer.ckpt_path} holds none (written before the data "
+                "module kept one, or by another data module): the data starts at the beginning of epoch 0"
+            )
+            print(message, flush=True)
+            log.warning(message)
         self._loader = ShardLoader(
             dataset,
             epoch=epoch,
