@@ -28,7 +28,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
-from tdd_lightning.data.buckets import bucket_name, bucket_of_name, parse_buckets
+from tdd_lightning.data.buckets import bucket_of_name, parse_buckets
 from tdd_lightning.data.dataset import (
     EMPTY_CAPTIONS,
     SKIP_REASONS,
@@ -118,12 +118,15 @@ class ShardLoader(DataLoader):
 
 
 def find_meta(first_shard: str) -> dict | None:
-    """The cache's ``meta.json``: beside ``first_shard``, or one folder up (a bucketed cache)."""
+    """The cache's ``meta.json``: beside ``first_shard``, or one folder up when that one is a bucketed
+    cache's and the shard's folder one of its buckets."""
     for where in (first_shard, first_shard[: first_shard.rfind("/")]):
         path = _beside(where, META_FILE)
         if not is_url(path) and os.path.isfile(path):
             with open(path) as f:
-                return json.load(f)
+                meta = json.load(f)
+            if where == first_shard or _parent_name(first_shard) in (meta.get("buckets") or {}):
+                return meta
     return None
 
 
@@ -283,13 +286,12 @@ class ShardDataModule(L.LightningDataModule):
         for name, shards in sorted(by_bucket.items()):
             counts = recorded[name]["shards"]
             size = sum(counts.get(s.rsplit("/", 1)[-1], 0) for s in shards)
-            h, w = bucket_of_name(name)
             sources.append(Source(name, shards, self._decoder(recorded[name]["latent_shape"]), size))
-            assert bucket_name((h, w)) == name
         return [s for s in sources if s.size > 0]
 
     def _layout(self, sources: list[Source]) -> str:
-        names = hashlib.sha1("\n".join(s.rsplit("/", 1)[-1] for s in self.shards).encode()).hexdigest()[:10]
+        names = "\n".join("/".join(s.rsplit("/", 2)[-2:]) for s in self.shards)  # folder/name: buckets
+        names = hashlib.sha1(names.encode()).hexdigest()[:10]
         kind = "counted" if self.resampled or len(sources) > 1 else "one pass"
         return (
             f"{self.mode} {len(self.shards)} shards ({names}), {len(sources)} bucket(s), {kind}, "

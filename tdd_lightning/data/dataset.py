@@ -264,7 +264,6 @@ class ShardDataset(IterableDataset):
             raise ValueError(
                 f"{len(self.shards)} shard(s) cannot be split over {world_size} ranks: write more shards"
             )
-        self.decoder = self.sources[0].decoder
         self.shuffle = shuffle
         self.shuffle_buffer = shuffle_buffer if shuffle else 0
         self.shuffle_shards = max(1, shuffle_shards) if shuffle and shuffle_buffer else 1
