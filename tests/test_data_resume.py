@@ -236,3 +236,23 @@ def test_a_checkpoint_without_a_data_position_says_so(tmp_path, capsys):
     dm.setup("fit")
     dm.train_dataloader()
     assert "the checkpoint old.ckpt holds none" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("fmt", ["USTAR_FORMAT", "GNU_FORMAT", "PAX_FORMAT"])
+def test_skip_ahead_in_every_tar_format(tmp_path, fmt):
+    """The fast header walk (plain ustar/gnu) and tarfile's (long names, pax) land on the same sample."""
+    import io
+    import tarfile
+
+    from tdd_lightning.data.shards import iter_tar_samples
+
+    path = tmp_path / "x.tar"
+    deep = "d" * 60 + "/" + "e" * 50  # a name over 100 characters: a prefix (ustar), a long name (gnu, pax)
+    with tarfile.open(path, "w", format=getattr(tarfile, fmt)) as tar:
+        for i in range(6):
+            for ext in ("txt", "cls"):
+                info = tarfile.TarInfo(f"{deep}/k{i}.{ext}")
+                info.size = 2
+                tar.addfile(info, io.BytesIO(b"%02d" % i))
+    got = list(iter_tar_samples(str(path), lambda *a: None, skip=4))
+    assert [s["__key__"] for s in got] == [f"{deep}/k4", f"{deep}/k5"] and got[0]["txt"] == b"04"

@@ -6,7 +6,7 @@ orientation applied), and ``crop_top_left`` float32 [2] = (top, left), the real 
 coordinates of the resized image (after a horizontal flip, in those of the flipped resized image, so the
 geometry describes exactly the pixels the model sees). The authors' TDD code records the resized size
 and forces the crop to (0, 0). Turning geometry into a model's conditioning (SDXL's six time ids) is the
-model's business (``tdd_lightning.models.conditioning.time_ids_from_geometry``), not the data layer's.
+model's business (the SDXL conditioning in ``tdd_lightning.models.conditioning``), not the data layer's.
 
 With ``buckets`` (``tdd_lightning.data.buckets``) each image gets the target size of its nearest
 aspect-ratio bucket instead of ``resolution``.

@@ -96,10 +96,47 @@ def split_key(name: str) -> tuple[str, str] | tuple[None, None]:
     return name[: len(name) - len(base)] + stem, ext.lower()
 
 
+def _plain_headers(f) -> Iterator[tuple[int, str, bool]]:
+    """(offset, name, is a regular file) of each member of a plain ustar/gnu tar, reading 512-byte headers
+    and seeking over the data; ``ValueError`` on anything else (long names, pax), left to tarfile."""
+    while True:
+        offset = f.tell()
+        block = f.read(512)
+        if len(block) < 512 or block == bytes(512):
+            return
+        kind = block[156:157]
+        if kind not in (b"0", b"\0", b"5", b"2", b"1"):
+            raise ValueError(f"tar member type {kind!r}")
+        name = block[:100].split(b"\0", 1)[0].decode()
+        posix = block[257:265] == b"ustar\x0000"  # POSIX ustar has a name prefix; GNU uses those bytes else
+        prefix = block[345:500].split(b"\0", 1)[0].decode() if posix else ""
+        size = int(block[124:136].split(b"\0", 1)[0].strip() or b"0", 8)
+        yield offset, f"{prefix}/{name}" if prefix else name, kind in (b"0", b"\0")
+        f.seek(offset + 512 + -(-size // 512) * 512)
+
+
 def _sample_start(url: str, skip: int):
     """A local shard opened at the header of its ``skip``-th sample (0-based), found by reading headers
-    only (tarfile seeks over the data); None when it has fewer samples. Raises on an unreadable shard."""
+    only (seeking over the data); None when it has fewer samples. Raises on an unreadable shard."""
     f = open(url, "rb")
+    try:
+        seen, last = -1, None
+        for offset, name, regular in _plain_headers(f):
+            key, _ = split_key(name)
+            if not regular or key is None or os.path.basename(name).startswith("__"):
+                continue
+            if key != last:
+                seen, last = seen + 1, key
+                if seen == skip:
+                    f.seek(offset)
+                    return f
+        f.close()
+        return None
+    except ValueError:
+        f.seek(0)  # an unusual tar: let tarfile walk it
+    except BaseException:
+        f.close()
+        raise
     try:
         with tarfile.open(fileobj=f, mode="r:") as tar:
             seen, last = -1, None
