@@ -60,10 +60,10 @@ def batch_ids(batch):
 
 def sdxl_ids(preprocess, image, rng=None):
     """(pixels, the SDXL time ids of the image's geometry)."""
-    pixels, geometry = preprocess(image, rng)
-    batch = {"pixels": pixels[None], **{k: v[None] for k, v in geometry.items()}}
-    assert set(geometry) == {"original_size", "crop_top_left"}
-    return pixels, batch_ids(batch)[0]
+    out = preprocess(image, rng)
+    assert set(out) == {"pixels", "original_size", "crop_top_left"}
+    batch = {k: v[None] for k, v in out.items()}
+    return out["pixels"], batch_ids(batch)[0]
 
 
 def test_preprocess_time_ids_are_true_size_and_real_crop():

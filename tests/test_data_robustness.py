@@ -50,7 +50,7 @@ def rgb_of(image: Image.Image) -> list:
 
 def pixels_of(image: Image.Image) -> np.ndarray:
     """What training sees, back in uint8: SDXLPreprocess at the image's own size (no resize, no crop)."""
-    pixels, _ = SDXLPreprocess((image.height, image.width), center_crop=True)(image)
+    pixels = SDXLPreprocess((image.height, image.width), center_crop=True)(image)["pixels"]
     return ((pixels + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
 
 
@@ -439,7 +439,8 @@ def shard_loader(folder: Path):
             (w0 if i % 2 else w1).write(f"k{i}", {"png": png_bytes(Image.new("RGB", (8, 8))), "txt": b"x"})
     dm = ShardDataModule(str(folder / "w-*.tar"), batch_size=2, num_workers=2, resolution=8)
     dm.setup("fit")
-    dm.train_dataset.decoder = WithPid(dm.train_dataset.decoder)
+    source = dm.train_dataset.sources[0]
+    source.decoder = WithPid(source.decoder)
     return dm.train_dataloader()
 
 

@@ -3,7 +3,8 @@
 Two sample formats, chosen by the decoder:
 - raw: an image (jpg/jpeg/png/webp) and a caption (txt/caption/text, or json with "caption"/"text"),
   preprocessed -> ``pixels`` [3, H, W] in [-1, 1], the geometry ``original_size`` [2] and
-  ``crop_top_left`` [2], ``caption`` (the model family turns geometry into its condition, if any);
+  ``crop_top_left`` [2], ``caption`` (the model family turns geometry into its condition, if any;
+  optionally filtered on the json metadata: ``tdd_lightning.data.filters``);
 - cached (written by ``tdd_lightning.data.encode``): one safetensors blob with ``latents`` (fp16) and the
   condition tensors the model family declares, plus the caption -> all float32. Which tensors: the
   cache's ``meta.json`` list, else every tensor of the blob.
@@ -22,13 +23,16 @@ import json
 import logging
 import random
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from itertools import islice
 
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
+from tdd_lightning.data.buckets import bucket_of_batch
+from tdd_lightning.data.filters import SampleFilter
+from tdd_lightning.data.position import Position, batches_of, draw, permuted, reader_samples
 from tdd_lightning.data.preprocess import SDXLPreprocess
-from tdd_lightning.data.shards import iter_tar_samples
 from tdd_lightning.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -116,27 +120,52 @@ class CaptionPolicy:
         return caption
 
 
-class RawDecoder(CaptionPolicy):
-    """Raw sample -> ``pixels``, ``original_size``, ``crop_top_left``, ``caption``."""
+def read_metadata(sample: dict) -> dict:
+    """The sample's json metadata ({} when there is none or it does not parse to an object)."""
+    try:
+        meta = json.loads(sample["json"]) if "json" in sample else {}
+    except ValueError:
+        return {}
+    return meta if isinstance(meta, dict) else {}
 
-    def __init__(self, preprocess: SDXLPreprocess, empty_captions: str = "keep"):
+
+class RawDecoder(CaptionPolicy):
+    """Raw sample -> ``pixels``, ``original_size``, ``crop_top_left``, ``caption`` (preprocessing).
+
+    ``sample_filter``: LAION-style filters (``tdd_lightning.data.filters``); a sample that fails one is
+    skipped with that filter's reason, judged before the image is decoded when the metadata suffices."""
+
+    def __init__(
+        self,
+        preprocess: SDXLPreprocess,
+        empty_captions: str = "keep",
+        sample_filter: SampleFilter | None = None,
+    ):
         super().__init__(empty_captions)
         self.preprocess = preprocess
+        self.filter = sample_filter if sample_filter is not None and sample_filter.active else None
 
     def __call__(self, sample: dict, rng: random.Random) -> dict:
         from PIL import Image
 
+        meta = read_metadata(sample) if self.filter else None
+        if self.filter and (reason := self.filter.check_metadata(meta)):
+            raise SkipSample(reason, f"filtered out ({reason})")
         caption = self.caption(sample)
         ext = next((e for e in IMAGE_EXTS if e in sample), None)
         if ext is None:
             raise SkipSample("image", f"no image member ({'/'.join(IMAGE_EXTS)})")
         try:
             with Image.open(io.BytesIO(sample[ext])) as image:
+                if self.filter and (reason := self.filter.check_size(meta, image.height, image.width)):
+                    raise SkipSample(reason, f"filtered out ({reason}: {image.height} x {image.width})")
                 image.load()
-                pixels, geometry = self.preprocess(image, rng)
+                out = self.preprocess(image, rng)
+        except SkipSample:
+            raise
         except Exception as exn:
             raise SkipSample("image", f"undecodable {ext}: {exn!r}") from exn
-        return {"pixels": pixels, **geometry, "caption": caption}
+        return {**out, "caption": caption}
 
 
 class CachedDecoder(CaptionPolicy):
@@ -179,33 +208,38 @@ class CachedDecoder(CaptionPolicy):
         return out
 
 
-def shuffled(items: Iterator, bufsize: int, rng: random.Random) -> Iterator:
-    """Approximate shuffle through a buffer of ``bufsize`` items (0 or 1: no shuffle)."""
-    if bufsize <= 1:
-        yield from items
-        return
-    buf: list = []
-    for item in items:
-        if len(buf) < bufsize:
-            buf.append(item)
-            continue
-        i = rng.randrange(bufsize)
-        yield buf[i]
-        buf[i] = item
-    rng.shuffle(buf)
-    yield from buf
+@dataclass
+class Source:
+    """One family of streams: the whole data set, or one aspect-ratio bucket of a bucketed cache.
+
+    ``size``: its sample count (the bucket sampling weight; 0 when unknown, single source only)."""
+
+    name: str
+    shards: list[str]
+    decoder: RawDecoder | CachedDecoder
+    size: int = 0
 
 
 class ShardDataset(IterableDataset):
-    """Samples from tar shards, split so that every (rank, worker) reads its own disjoint shards.
+    """Batches (or samples) from tar shards; every (rank, worker) reads its own shards, resumably.
 
-    Each epoch the shard list is permuted with a seed shared by all ranks (``seed``, epoch), then
-    reader i = rank * num_workers + worker takes shards i, i + R*W, ... Sample-level shuffling and the
-    random crop/flip use a generator seeded by (seed, epoch, rank, worker).
+    Each epoch a source's shard list is permuted with a seed shared by all ranks (``seed``, epoch), then
+    reader i = rank * num_workers + worker takes shards i, i + R*W, ... Inside a reader the order is the
+    seekable one of ``tdd_lightning.data.position`` (``shuffle_shards`` shards interleaved, windows of
+    ``shuffle_buffer`` samples permuted); random crops and flips are drawn per sample from
+    (seed, epoch, pass, shard, key). So everything a reader yields is a pure function of its place.
 
-    ``resampled``: repeat shuffled passes over the reader's own shards without end; an epoch is then
-    ``samples_per_epoch`` samples over all ranks, ``samples_per_epoch // world_size`` on each (None:
-    never ends). Without it, one pass per epoch, optionally capped at ``samples_per_epoch``.
+    Two ways to end an epoch:
+    - one pass (not ``resampled``, one source): each reader yields its shards once, then stops;
+    - counted (``resampled``, or several sources = buckets): every stream repeats passes without end;
+      the rank's batch n (n = worker, worker + W, ...) is drawn from source ``bucket_of_batch(n)`` (the
+      same on every rank) and an epoch is ``samples_per_epoch // world_size // batch_size`` batches per
+      rank (None: never ends; with buckets the default is the sources' total size). A source with fewer
+      shards than readers is shared: reader i reads its shard i mod n.
+
+    With ``batch_size`` every item is a collated batch with ``_position`` = {epoch, reader, state}: the
+    reader's place after it, which the data module records as training consumes the batch and hands
+    back (``resume``, ``shift``) to continue exactly after a restart. Without it, samples (the encoder).
     """
 
     def __init__(
@@ -214,97 +248,156 @@ class ShardDataset(IterableDataset):
         decoder: RawDecoder | CachedDecoder,
         *,
         shuffle: bool = True,
-        shuffle_buffer: int = 1000,
+        shuffle_buffer: int = 64,
+        shuffle_shards: int = 4,
         resampled: bool = False,
         samples_per_epoch: int | None = None,
         seed: int = 0,
         rank: int = 0,
         world_size: int = 1,
         num_workers: int = 0,
+        batch_size: int | None = None,
+        drop_last: bool = False,
         return_url: bool = False,
+        sources: Sequence[Source] | None = None,
+        skip_reasons: Sequence[str] = SKIP_REASONS,
     ):
         super().__init__()
-        if not shards:
+        self.sources = list(sources) if sources else [Source("all", list(shards), decoder)]
+        self.shards = [u for src in self.sources for u in src.shards]
+        if not self.shards:
             raise ValueError("ShardDataset needs at least one shard")
-        if len(shards) < world_size:
+        self.counted = resampled or len(self.sources) > 1
+        if not self.counted and len(self.shards) < world_size:
             raise ValueError(
-                f"{len(shards)} shard(s) cannot be split over {world_size} ranks: write more shards"
+                f"{len(self.shards)} shard(s) cannot be split over {world_size} ranks: write more shards"
             )
-        self.shards = list(shards)
-        self.decoder = decoder
-        self.shuffle, self.shuffle_buffer = shuffle, shuffle_buffer if shuffle else 0
+        self.shuffle = shuffle
+        self.shuffle_buffer = shuffle_buffer if shuffle else 0
+        self.shuffle_shards = max(1, shuffle_shards) if shuffle and shuffle_buffer else 1
         self.resampled, self.samples_per_epoch = resampled, samples_per_epoch
         self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.batch_size, self.drop_last = batch_size, drop_last
         self.return_url = return_url  # add each sample's shard as ``url`` (the offline cache needs it)
-        self.skips = SkipCounter(num_workers)
+        self.skips = SkipCounter(num_workers, skip_reasons)
         self.notes = SkipCounter(num_workers, NOTES)  # kept samples worth counting (empty captions)
-        self.epoch = 0  # advanced by each __iter__ (in whichever process runs it) and by the loader
-        self.stream = 0  # mixed into every seed; the datamodule sets the global step, so a resume draws anew
+        self.epoch = 0  # set by the loader before each iteration
+        self.next_epoch = 0  # the epoch a new loader starts with (advanced by each loader pass)
+        self.resume: dict[int, dict] = {}  # reader -> its state to continue from (this epoch only)
+        self.shift = 0  # DataLoader worker w plays reader (w + shift) % W: the next reader goes first
 
-    def reader_shards(self, epoch: int, worker: int, num_workers: int) -> list[str]:
-        """The shards that (this rank, ``worker``) reads in ``epoch``: disjoint across readers."""
-        order = list(self.shards)
-        if self.shuffle:
-            random.Random(f"shards-{self.seed}-{self.stream}-{epoch}").shuffle(order)
+    # ---- the plan of an epoch ----------------------------------------------------------------------
+    def reader_shards(self, epoch: int, worker: int, num_workers: int, source: Source | None = None) -> list:
+        """The shards that (this rank, ``worker``) reads of ``source`` in ``epoch``."""
+        source = source or self.sources[0]
+        order = permuted(source.shards, "shards", self.seed, epoch) if self.shuffle else list(source.shards)
         reader, readers = self.rank * num_workers + worker, self.world_size * num_workers
+        if self.counted and len(order) < readers:
+            return [order[reader % len(order)]]
         return order[reader::readers]
 
-    def reader_quota(self, worker: int, num_workers: int) -> int | None:
-        """How many samples this reader yields per epoch (None: all it has, or forever if resampled)."""
-        if self.samples_per_epoch is None:
+    def batches_per_rank(self) -> int | None:
+        """Batches per rank and epoch in counted mode (None: endless)."""
+        total = self.samples_per_epoch
+        if total is None and len(self.sources) > 1:
+            total = sum(src.size for src in self.sources)
+        if total is None:
             return None
-        per_rank = self.samples_per_epoch // self.world_size  # equal on every rank (DDP needs that)
-        return per_rank // num_workers + (worker < per_rank % num_workers)
+        return total // self.world_size // self.batch_size
 
+    # ---- reading -----------------------------------------------------------------------------------
     def _skip(self, reason: str, url: str, message: str) -> None:
         n = self.skips.add(reason)
         if n <= WARN_FIRST or n % WARN_EVERY == 0:
             log.warning("skipped sample (%s) in %s: %s [%d skipped by this reader]", reason, url, message, n)
 
-    def _decoded(self, shards: list[str], rng: random.Random) -> Iterator[dict]:
-        raw = (s for url in shards for s in iter_tar_samples(url, self._skip))
-        for sample in shuffled(raw, self.shuffle_buffer, rng):
+    def _decoded(self, source: Source, reader: int, epoch: int, worker: int, num_workers: int, start):
+        """(decoded sample, position after it) of one reader's stream of ``source``."""
+        key = ("samples", self.seed, epoch, reader, self.world_size * num_workers, source.name)
+        raw = reader_samples(
+            self.reader_shards(epoch, worker, num_workers, source),
+            key,
+            block_shards=self.shuffle_shards,
+            window=self.shuffle_buffer,
+            resampled=self.counted,
+            shuffle=self.shuffle,
+            start=Position.from_dict(start),
+            on_error=self._skip,
+        )
+        good_pass = None  # the latest pass with a valid sample (the first counts as one)
+        for sample, pos in raw:
+            if good_pass is None:
+                good_pass = pos.pass_
+            url = sample["__url__"]
+            rng = random.Random(
+                draw("crop", self.seed, epoch, pos.pass_, url.rsplit("/", 1)[-1], sample["__key__"])
+            )
             try:
-                out = self.decoder(sample, rng)
+                out = source.decoder(sample, rng)
             except SkipSample as skip:
-                self._skip(skip.reason, sample["__url__"], f"{sample['__key__']}: {skip}")
-                continue
+                self._skip(skip.reason, url, f"{sample['__key__']}: {skip}")
+                out = None
             except Exception as exn:  # anything unforeseen in one sample must not stop training
-                self._skip("image", sample["__url__"], f"{sample['__key__']}: {exn!r}")
+                self._skip("image", url, f"{sample['__key__']}: {exn!r}")
+                out = None
+            if out is None:
+                if pos.pass_ > good_pass + 1:
+                    log.warning("a full pass over %s gave no valid sample; this reader stops", source.name)
+                    return
                 continue
+            good_pass = pos.pass_
             if out["caption"] == "":
                 self.notes.add("empty_caption_kept")
             out["key"] = sample["__key__"]
             if self.return_url:
-                out["url"] = sample["__url__"]
-            yield out
+                out["url"] = url
+            yield out, pos
 
-    def _stream(self, shards: list[str], rng: random.Random) -> Iterator[dict]:
-        while True:
-            order = list(shards)
-            if self.resampled:
-                rng.shuffle(order)
-            good = 0
-            for sample in self._decoded(order, rng):
-                good += 1
-                yield sample
-            if not self.resampled:
+    def _tagged(self, batch: dict, epoch: int, reader: int, state: dict) -> dict:
+        batch["_position"] = {"epoch": epoch, "reader": reader, "state": state}
+        return batch
+
+    def _one_pass(self, reader: int, epoch: int, worker: int, nw: int, state: dict) -> Iterator[dict]:
+        source = self.sources[0]
+        samples = self._decoded(source, reader, epoch, worker, nw, state.get("streams", {}).get(source.name))
+        if self.batch_size is None:
+            yield from (s for s, _ in samples)
+            return
+        for batch, pos in batches_of(samples, self.batch_size, self.drop_last, collate):
+            yield self._tagged(batch, epoch, worker, {"streams": {source.name: pos.to_dict()}})
+
+    def _counted(self, reader: int, epoch: int, worker: int, nw: int, state: dict) -> Iterator[dict]:
+        last = self.batches_per_rank()
+        sizes = [src.size for src in self.sources]
+        positions = dict(state.get("streams", {}))
+        streams: dict[str, Iterator] = {}
+        n = state.get("n", worker)
+        while last is None or n < last:
+            i = bucket_of_batch(self.seed, epoch, n, sizes) if len(self.sources) > 1 else 0
+            src = self.sources[i]
+            if src.name not in streams:
+                streams[src.name] = self._decoded(src, reader, epoch, worker, nw, positions.get(src.name))
+            got = list(islice(streams[src.name], self.batch_size))
+            if len(got) < self.batch_size:
+                log.warning("the stream of %s ended (no valid sample left); this reader stops", src.name)
                 return
-            if good == 0:  # a full pass gave nothing: stop this reader rather than spin forever
-                log.warning(
-                    "a full pass over %d shard(s) gave no valid sample; this reader stops", len(order)
-                )
-                return
+            positions[src.name] = got[-1][1].to_dict()
+            n += nw
+            yield self._tagged(
+                collate([s for s, _ in got]), epoch, worker, {"n": n, "streams": dict(positions)}
+            )
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
-        worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        epoch, self.epoch = self.epoch, self.epoch + 1
-        rng = random.Random(f"samples-{self.seed}-{self.stream}-{epoch}-{self.rank}-{worker}")
-        shards = self.reader_shards(epoch, worker, num_workers)
-        if not shards:
-            return iter(())
-        return islice(self._stream(shards, rng), self.reader_quota(worker, num_workers))
+        w, nw = (info.id, info.num_workers) if info is not None else (0, 1)
+        worker = (w + self.shift) % nw  # the reader this process plays
+        reader, epoch = self.rank * nw + worker, self.epoch
+        state = self.resume.get(worker, {})
+        # a persistent worker keeps this copy: its next pass is the next epoch, from its start
+        self.epoch, self.resume, self.shift = epoch + 1, {}, 0
+        if self.counted and self.batch_size is not None:
+            return self._counted(reader, epoch, worker, nw, state)
+        return self._one_pass(reader, epoch, worker, nw, state)
 
 
 def collate(samples: list[dict]) -> dict:

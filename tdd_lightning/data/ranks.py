@@ -19,3 +19,13 @@ def rank_and_world(trainer=None) -> tuple[int, int]:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_rank(), torch.distributed.get_world_size()
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def gather_objects(obj) -> list:
+    """``obj`` of every rank, in rank order (a collective: every rank must call it); [obj] without a
+    process group."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        out = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(out, obj)
+        return out
+    return [obj]

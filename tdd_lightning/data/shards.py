@@ -96,19 +96,92 @@ def split_key(name: str) -> tuple[str, str] | tuple[None, None]:
     return name[: len(name) - len(base)] + stem, ext.lower()
 
 
-def iter_tar_samples(url: str, on_error: ErrorCallback) -> Iterator[dict]:
+def _plain_headers(f) -> Iterator[tuple[int, str, bool]]:
+    """(offset, name, is a regular file) of each member of a plain ustar/gnu tar, reading 512-byte headers
+    and seeking over the data; ``ValueError`` on anything else (long names, pax), left to tarfile."""
+    while True:
+        offset = f.tell()
+        block = f.read(512)
+        if len(block) < 512 or block == bytes(512):
+            return
+        kind = block[156:157]
+        if kind not in (b"0", b"\0", b"5", b"2", b"1"):
+            raise ValueError(f"tar member type {kind!r}")
+        name = block[:100].split(b"\0", 1)[0].decode()
+        posix = block[257:265] == b"ustar\x0000"  # POSIX ustar has a name prefix; GNU uses those bytes else
+        prefix = block[345:500].split(b"\0", 1)[0].decode() if posix else ""
+        size = int(block[124:136].split(b"\0", 1)[0].strip() or b"0", 8)
+        yield offset, f"{prefix}/{name}" if prefix else name, kind in (b"0", b"\0")
+        f.seek(offset + 512 + -(-size // 512) * 512)
+
+
+def _sample_start(url: str, skip: int):
+    """A local shard opened at the header of its ``skip``-th sample (0-based), found by reading headers
+    only (seeking over the data); None when it has fewer samples. Raises on an unreadable shard."""
+    f = open(url, "rb")
+    try:
+        seen, last = -1, None
+        for offset, name, regular in _plain_headers(f):
+            key, _ = split_key(name)
+            if not regular or key is None or os.path.basename(name).startswith("__"):
+                continue
+            if key != last:
+                seen, last = seen + 1, key
+                if seen == skip:
+                    f.seek(offset)
+                    return f
+        f.close()
+        return None
+    except ValueError:
+        f.seek(0)  # an unusual tar: let tarfile walk it
+    except BaseException:
+        f.close()
+        raise
+    try:
+        with tarfile.open(fileobj=f, mode="r:") as tar:
+            seen, last = -1, None
+            while (info := tar.next()) is not None:
+                tar.members = []
+                key, _ = split_key(info.name)
+                if not info.isreg() or key is None or os.path.basename(info.name).startswith("__"):
+                    continue
+                if key != last:
+                    seen, last = seen + 1, key
+                    if seen == skip:
+                        f.seek(info.offset)
+                        return f
+    except BaseException:
+        f.close()
+        raise
+    f.close()
+    return None
+
+
+def iter_tar_samples(url: str, on_error: ErrorCallback, skip: int = 0) -> Iterator[dict]:
     """Yield the samples of one shard as dicts ``{"__key__", "__url__", ext: bytes, ...}``.
 
-    An unreadable shard is reported once (reason ``shard``). A read error part-way (a truncated or
-    corrupt tar) drops the sample being assembled, reports it (reason ``truncated``) and ends the shard:
-    samples already yielded stay valid.
+    ``skip``: start at that sample; a local plain tar gets there by reading headers only (no data), a
+    URL or compressed shard by reading through. An unreadable shard is reported once (reason ``shard``).
+    A read error part-way (a truncated or corrupt tar) drops the sample being assembled, reports it
+    (reason ``truncated``) and ends the shard: samples already yielded stay valid.
     """
     try:
-        stream = open_shard(url)
+        stream = None
+        if skip and not is_url(url):
+            try:
+                stream = _sample_start(url, skip)
+            except Exception:  # compressed or damaged: read through below, which reports the damage
+                stream = None
+            else:
+                if stream is None:
+                    return
+                skip = 0
+        stream = stream or open_shard(url)
     except Exception as exn:
         on_error("shard", url, f"cannot open shard: {exn!r}")
         return
     current: dict | None = None
+    seen, last = 0, None  # samples begun (the skipped ones included), the key of the latest
     try:
         with tarfile.open(fileobj=stream, mode="r|*") as tar:
             for info in tar:
@@ -117,14 +190,16 @@ def iter_tar_samples(url: str, on_error: ErrorCallback) -> Iterator[dict]:
                 key, ext = split_key(info.name)
                 if key is None or os.path.basename(info.name).startswith("__"):
                     continue
-                data = tar.extractfile(info).read()
                 tar.members = []  # streaming: do not keep every header in memory
-                if current is not None and current["__key__"] != key:
-                    yield current
-                    current = None
-                if current is None:
-                    current = {"__key__": key, "__url__": url}
-                current[ext] = data
+                if key != last:
+                    if current is not None:
+                        yield current
+                        current = None
+                    seen, last = seen + 1, key
+                    if seen > skip:
+                        current = {"__key__": key, "__url__": url}
+                if current is not None:
+                    current[ext] = tar.extractfile(info).read()
     except Exception as exn:  # tarfile.ReadError, EOFError, OSError from a truncated/corrupt file
         where = f" in sample {current['__key__']}" if current else ""
         on_error("truncated", url, f"shard unreadable from here on{where}: {exn!r}")
