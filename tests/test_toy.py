@@ -113,7 +113,13 @@ def test_toy_cfg_through_teacher_cfg_eps_is_bit_equal_to_its_own_batch(teacher):
     from tdd_lightning.models.conditioning import teacher_cfg_eps, unconditional_like
     from tdd_lightning.models.families.sdxl import SDXL, unet_eps
     from tdd_lightning.toy.data import to_uint8
-    from tdd_lightning.toy.sampling import encode_prompts, initial_noise, sample_images, trailing_timesteps
+    from tdd_lightning.toy.sampling import (
+        encode_prompts,
+        initial_noise,
+        renoise_seed,
+        sample_images,
+        trailing_timesteps,
+    )
 
     unet, vae, g = teacher.unet, teacher.vae, 2.5
     captions = [
@@ -135,7 +141,8 @@ def test_toy_cfg_through_teacher_cfg_eps_is_bit_equal_to_its_own_batch(teacher):
         unet_eps, unet, x_T, t, cond, unconditional_like(cond, None, SDXL.text_keys), same=None
     )
     assert torch.equal(eps_u + g * (eps_c - eps_u), before(x_T, t))
-    x0 = tdd_sample(before, x_T, timesteps, schedule, eta=0.3, generator=torch.Generator().manual_seed(2))
+    renoise = torch.Generator().manual_seed(renoise_seed(2))  # the re-noising stream of sampling seed 2
+    x0 = tdd_sample(before, x_T, timesteps, schedule, eta=0.3, generator=renoise)
     old = to_uint8(vae.decode(x0 / vae.config.scaling_factor).sample)
     new = sample_images(unet, vae, cond, x_T, timesteps, g, schedule, eta=0.3, seed=2)
     assert torch.equal(new, old)
