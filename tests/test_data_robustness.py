@@ -403,12 +403,20 @@ def test_workers_ignore_the_job_signals_and_keep_lightnings_seeds(monkeypatch):
     from lightning.fabric.utilities.seed import pl_worker_init_function
 
     monkeypatch.setenv("PL_SEED_WORKERS", "1")  # as after seed_everything(workers=True)
-    torch.manual_seed(0)
-    ours = list(ResumableLoader(WorkerProbe(8), 2, num_workers=1, rank=1, world_size=2))  # 2 batches
-    torch.manual_seed(0)
-    plain = torch.utils.data.DataLoader(WorkerProbe(4), 2, num_workers=1,
-                                        worker_init_fn=partial(pl_worker_init_function, rank=1))  # fmt: skip
-    lightning = list(plain)
+    # default handlers in this process first: a test run started in the background (`cmd &`) inherits
+    # SIGINT ignored, which the plain loader's workers would then inherit too
+    job_signals = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+    saved = {s: signal.signal(s, signal.SIG_DFL) for s in job_signals}
+    try:
+        torch.manual_seed(0)
+        ours = list(ResumableLoader(WorkerProbe(8), 2, num_workers=1, rank=1, world_size=2))  # 2 batches
+        torch.manual_seed(0)
+        init = partial(pl_worker_init_function, rank=1)
+        plain = torch.utils.data.DataLoader(WorkerProbe(4), 2, num_workers=1, worker_init_fn=init)
+        lightning = list(plain)
+    finally:
+        for s, handler in saved.items():
+            signal.signal(s, handler)
     assert all(b["ignored"].all() for b in ours)
     assert not any(b["ignored"].any() for b in lightning)
     # the same worker random streams as Lightning's own worker_init_fn (what the loader replaces)

@@ -102,7 +102,7 @@ def test_toy_tdd_prints_table_and_eval_cli_agrees(toy_data, tmp_path):
         f"data.train_shards={cache}/shard-*.tar", "data.batch_size=8", "data.num_workers=0",
         "trainer.max_steps=3", "callbacks.sample_grid.every_n_steps=100",
         "callbacks.model_checkpoint.every_n_train_steps=100", "callbacks.toy_eval.steps=[1,2]",
-        "callbacks.toy_eval.etas=[0.0]", "callbacks.toy_eval.teacher_steps=[2,4]",
+        "callbacks.toy_eval.etas=[0.0]", "callbacks.toy_eval.teacher_steps=[2,4]", "~callbacks.toy_curves",
         *[f"callbacks.toy_eval.{kv}" for kv in common],
     ]  # fmt: skip
     env = {**os.environ, "TDD_ROOT": str(ROOT)}  # the shipped teacher and evaluator
