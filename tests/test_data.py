@@ -272,6 +272,23 @@ def test_seeded_order_and_crops_are_reproducible(tmp_path):
     assert k0 != k2
 
 
+def test_sample_order_does_not_depend_on_where_the_shards_live(tmp_path):
+    """Regression: the window permutation was drawn from the shard's full path, so the same data in
+    another folder (a clean clone, another machine's mount) trained in another order."""
+    import shutil
+
+    write_shards(tmp_path / "a", 4, 12, size=(12, 12))
+    shutil.copytree(tmp_path / "a", tmp_path / "elsewhere" / "b")
+
+    def keys(folder):
+        dm = ShardDataModule(str(folder / "s-*.tar"), batch_size=4, num_workers=2, resolution=12, seed=3)
+        dm.setup("fit")
+        return [k for b in dm.train_dataloader() for k in b["key"]]
+
+    here, there = keys(tmp_path / "a"), keys(tmp_path / "elsewhere" / "b")
+    assert here == there and sorted(here) != here  # the same shuffled order
+
+
 def test_data_configs_compose_and_instantiate(tmp_path):
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra

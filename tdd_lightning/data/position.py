@@ -68,7 +68,9 @@ class WindowStream:
 
     def _fill(self, at: int) -> None:
         buf = [s for _, s in zip(range(self.window), self.samples, strict=False)]
-        self.buf = buf if self.window == 1 else permuted(buf, *self.key, self.url, self.index)
+        # the shard's file name, not its path: the order must not depend on where the data lives
+        name = self.url.rsplit("/", 1)[-1]
+        self.buf = buf if self.window == 1 else permuted(buf, *self.key, name, self.index)
         self.at = at
 
     def next(self) -> dict | None:
