@@ -208,7 +208,6 @@ class TDDModule(L.LightningModule):
             unet.compile()  # in place: the roles keep switching the same (compiled) module
         if self.ema_decay > 0:
             self.roles.copy_student_to_target()
-        self.roles.copy_student_to_ema()
 
     def shard(self, mesh) -> None:
         """FSDP2: shard the base UNet per block (frozen and LoRA tensors alike); LoRA stays fp32."""
