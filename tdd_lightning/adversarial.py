@@ -79,10 +79,14 @@ class AdversarialSteps:
             return optimizers
         return optimizers, [self.lr_scheduler_factory(optimizer=student_optimizer)]
 
-    def check_adversarial_matches(self, checkpoint: dict) -> None:
-        """A resume keeps the adversarial setting: heads and their optimizer in the checkpoint, or none."""
+    def adversarial_resume(self, checkpoint: dict) -> None:
+        """A resume keeps the adversarial setting (heads and their optimizer in the checkpoint, or none);
+        the heads train at the configured ``adversarial.lr``, not the one saved with their optimizer."""
         has_heads = any(k.startswith("discriminator.") for k in checkpoint.get("state_dict", {}))
         if has_heads == self.adversarial.enabled:
+            for state in checkpoint.get("optimizer_states", [])[1:2] if has_heads else []:
+                for group in state.get("param_groups", []):
+                    group["lr"] = self.adversarial.lr
             return
         was, now = ("hinge", "none") if has_heads else ("none", self.adversarial.name)
         raise UserError(

@@ -455,7 +455,7 @@ class TDDModule(AdversarialSteps, L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.configure_model()
         check_lora_matches(checkpoint, self.model_cfg["lora"], self.state_dict())
-        self.check_adversarial_matches(checkpoint)
+        self.adversarial_resume(checkpoint)
         self.use_configured_lr(checkpoint)
         self.nonfinite_total = checkpoint.get("tdd_lightning", {}).get("nonfinite_total", 0)
 

@@ -330,8 +330,10 @@ def test_a_resume_keeps_the_adversarial_setting(adversarial_run, tiny_sdxl_dir, 
     resume = smoke_overrides(tiny_sdxl_dir, "trainer.max_steps=4", f"ckpt_path={ckpt}")
     with pytest.raises(UserError, match="trained with adversarial=hinge .* resume with adversarial=hinge"):
         train(compose_cfg(resume, tmp_path / "plain"))
-    metrics = train(compose_cfg([*resume, "adversarial=hinge"], tmp_path / "adv"))
+    metrics = train(compose_cfg([*resume, "adversarial=hinge", "adversarial.lr=3e-5"], tmp_path / "adv"))
     assert metrics["global_step"] == 4 and "train/d_loss" in metrics
+    again = torch.load(tmp_path / "adv" / "checkpoints" / "last.ckpt", weights_only=False)
+    assert again["optimizer_states"][1]["param_groups"][0]["lr"] == 3e-5  # the configured lr, not the saved
 
 
 def logged(out: Path, key: str) -> dict[int, float]:
