@@ -10,6 +10,7 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
+from tdd_lightning.adversarial import AdversarialSteps
 from tdd_lightning.checkpoint_io import GoodStates, check_lora_matches, checkpoint_path
 from tdd_lightning.data.ranks import rank_and_world
 from tdd_lightning.diffusion import (
@@ -30,8 +31,15 @@ from tdd_lightning.models.config import ModelConfig
 from tdd_lightning.models.dtypes import DTYPES
 from tdd_lightning.models.families import get_family
 from tdd_lightning.models.families.base import check_keys
-from tdd_lightning.models.roles import STUDENT, TARGET, LoRARoles, warmup_decay
-from tdd_lightning.strategies import DistillationLoss, Guidance, TargetSelection, inference_hparams
+from tdd_lightning.models.roles import STUDENT, TARGET, LoRARoles, grad_norm, warmup_decay
+from tdd_lightning.strategies import (
+    Adversarial,
+    DistillationLoss,
+    Guidance,
+    NoAdversarial,
+    TargetSelection,
+    inference_hparams,
+)
 
 
 def to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -72,8 +80,8 @@ class NonFiniteError(UserError):
     """Too many non-finite steps in a row; the message names the checkpoint of the last good state."""
 
 
-class TDDModule(L.LightningModule):
-    """Consistency distillation with a pluggable target selection, guidance and loss.
+class TDDModule(AdversarialSteps, L.LightningModule):
+    """Consistency distillation with a pluggable target selection, guidance, loss and adversarial term.
 
     Args:
         model: where the base model lives and how the LoRA looks: a ``ModelConfig`` (every key and its
@@ -88,6 +96,8 @@ class TDDModule(L.LightningModule):
         seed: with the global step, seeds each step's randomness (exact resume, world-size invariant).
         max_nonfinite_steps: stop (with a checkpoint of the last good state) after this many steps in a
             row whose loss or gradient was not finite; each such step is skipped and counted.
+        adversarial: the adversarial term (Hydra group ``adversarial``; None or ``NoAdversarial``: off).
+            When on, the step is ``adversarial.AdversarialSteps``'s (manual optimisation, two optimizers).
     """
 
     def __init__(
@@ -104,6 +114,7 @@ class TDDModule(L.LightningModule):
         max_nonfinite_fraction: float = 0.1,
         snapshot_every: int = 100,
         eval_ema_decay: float = 0.0,
+        adversarial: Adversarial | None = None,
     ):
         super().__init__()
         self.model_config = ModelConfig.coerce(model)
@@ -123,6 +134,7 @@ class TDDModule(L.LightningModule):
         self.nonfinite_total = self.nonfinite_in_a_row = 0
         self._skip_update = False
         self.target_selection, self.guidance, self.distill_loss = target_selection, guidance, loss
+        self.adversarial = adversarial if adversarial is not None else NoAdversarial()
         self.optimizer_factory, self.lr_scheduler_factory = optimizer, lr_scheduler
         self.ema_decay, self.seed, self.eval_ema_decay = ema_decay, seed, float(eval_ema_decay)
         self.save_hyperparameters(
@@ -135,6 +147,7 @@ class TDDModule(L.LightningModule):
                 "eval_ema_decay": self.eval_ema_decay,
                 "seed": seed,
                 **inference_hparams(target_selection, guidance),  # what the exported LoRA carries
+                **({"adversarial": self.adversarial.describe()} if self.adversarial.enabled else {}),
             }
         )
         self.strict_loading = False  # checkpoints hold the LoRA tensors only, not the frozen base
@@ -144,6 +157,7 @@ class TDDModule(L.LightningModule):
         self.uncond_text: dict[str, torch.Tensor] | None = None
         self.prediction_type = "epsilon"  # the teacher's, from its scheduler config (attach)
         self.last_times: dict[str, torch.Tensor] = {}
+        self.discriminator, self.feature_tap = None, None  # the adversarial heads and their hooks (if on)
 
     @property
     def model_cfg(self) -> dict[str, Any]:
@@ -200,6 +214,8 @@ class TDDModule(L.LightningModule):
         # LoRA master weights stay fp32 even when the frozen base is bf16/fp16
         for p in self.roles.student_params + self.roles.target_params + self.roles.ema_params:
             p.data = p.data.float()
+        if self.adversarial.enabled:
+            self.build_discriminator(unet)
         if cfg.gradient_checkpointing:
             unet.enable_gradient_checkpointing()
         if cfg.channels_last:
@@ -223,6 +239,8 @@ class TDDModule(L.LightningModule):
 
     def setup(self, stage: str) -> None:
         self.configure_model()
+        if self.adversarial.enabled:
+            self.setup_adversarial()
         if self.guidance.uncond == "empty_prompt":
             dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
             text = getattr(dm, "uncond", None)
@@ -238,6 +256,8 @@ class TDDModule(L.LightningModule):
 
     def configure_optimizers(self):
         optimizer = self.optimizer_factory(params=self.roles.student_params)
+        if self.adversarial.enabled:
+            return self.adversarial_optimizers(optimizer)
         if self.lr_scheduler_factory is None:
             return optimizer
         scheduler = self.lr_scheduler_factory(optimizer=optimizer)
@@ -324,10 +344,18 @@ class TDDModule(L.LightningModule):
 
         # 8. loss
         loss = self.distill_loss(pred, target)
-        return {"loss": loss, "t": t, "s": s, "w": w, "dropped": drop}
+        out = {"loss": loss, "t": t, "s": s, "w": w, "dropped": drop}
+        return out | {"pred": pred, "target": target, "cond": c}  # what the adversarial term reuses
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        if self.adversarial.enabled:
+            return self.adversarial_training_step(batch)
         out = self.distillation_loss(batch, self.step_generators(self.device))
+        self.log_step(out)
+        return out["loss"]
+
+    def log_step(self, out: dict) -> None:
+        """The step's loss and its draws (``last_times``: t and s for the time-histogram callback)."""
         B = out["t"].shape[0]
         self.last_times = {"t": out["t"].detach(), "s": out["s"].detach()}
         self.log("train/loss", out["loss"], prog_bar=True, batch_size=B)
@@ -340,15 +368,13 @@ class TDDModule(L.LightningModule):
             },
             batch_size=B,
         )
-        return out["loss"]
 
     # ---- non-finite guard ---------------------------------------------------------------------------
     def on_before_optimizer_step(self, optimizer) -> None:
         """Skip the update (weights, optimizer state and EMA) when the loss or a gradient is not finite."""
-        grads = [p.grad for p in self.roles.student_params if p.grad is not None]
-        norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))) if grads else torch.zeros(())
-        if hasattr(norm, "full_tensor"):  # sharded gradients (FSDP2): the global norm
-            norm = norm.full_tensor()
+        if not self.automatic_optimization:
+            return  # the adversarial step guards both of its updates itself (skip_if_nonfinite)
+        norm = grad_norm(self.roles.student_params)
         self.log("train/grad_norm", norm)  # before clipping
         self._skip_update = not bool(torch.isfinite(norm))  # the guard's one host sync per step
         if self._skip_update:
@@ -363,9 +389,13 @@ class TDDModule(L.LightningModule):
     def optimizer_step(self, *args, **kwargs):
         super().optimizer_step(*args, **kwargs)
         if not self._skip_update:
-            self.roles.update_target(self.ema_decay)  # after each real optimizer step
-            if self.eval_ema_decay > 0:  # the decay is a function of the global step: resume-exact
-                self.roles.update_eval_ema(warmup_decay(self.eval_ema_decay, self.global_step))
+            self.update_emas()
+
+    def update_emas(self) -> None:
+        """The EMA target and the evaluation EMA, after each real optimizer step."""
+        self.roles.update_target(self.ema_decay)
+        if self.eval_ema_decay > 0:  # the decay is a function of the global step: resume-exact
+            self.roles.update_eval_ema(warmup_decay(self.eval_ema_decay, self.global_step))
 
     def on_train_start(self) -> None:
         self.snapshots.take(self.trainer)  # the state before any update of this run
@@ -410,9 +440,13 @@ class TDDModule(L.LightningModule):
             f"{reason}; stopped at step {self.global_step}; {where}: lower the lr or check the data."
         )
 
-    # ---- checkpoints hold LoRA tensors only ------------------------------------------------------
+    # ---- checkpoints hold LoRA tensors (and the adversarial heads) only ------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if "lora_" in k}
+        checkpoint["state_dict"] = {
+            k: v
+            for k, v in checkpoint["state_dict"].items()
+            if "lora_" in k or k.startswith("discriminator.")
+        }
         checkpoint["tdd_lightning"] = {
             "lora": self.model_cfg["lora"],
             "nonfinite_total": self.nonfinite_total,
@@ -421,6 +455,7 @@ class TDDModule(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.configure_model()
         check_lora_matches(checkpoint, self.model_cfg["lora"], self.state_dict())
+        self.adversarial_resume(checkpoint)
         self.use_configured_lr(checkpoint)
         self.nonfinite_total = checkpoint.get("tdd_lightning", {}).get("nonfinite_total", 0)
 
@@ -433,12 +468,11 @@ class TDDModule(L.LightningModule):
         lr = getattr(self.optimizer_factory, "keywords", {}).get("lr")
         if lr is None:
             return
-        saved = [
-            g.get("lr") for o in checkpoint.get("optimizer_states", []) for g in o.get("param_groups", [])
-        ]
+        student = checkpoint.get("optimizer_states", [])[:1]  # the adversarial heads' keep their own lr
+        saved = [g.get("lr") for o in student for g in o.get("param_groups", [])]
         if not saved or all(v == lr for v in saved):
             return
-        for o in checkpoint["optimizer_states"]:
+        for o in student:
             for g in o.get("param_groups", []):
                 g["lr"] = g["initial_lr"] = lr  # the schedule below rescales from here
         for sched in checkpoint.get("lr_schedulers", []):

@@ -16,6 +16,7 @@ if __name__ == "__main__":
     p.add_argument("--tag", required=True)
     p.add_argument("--devices", type=int, default=2)
     p.add_argument("--strategy", choices=["ddp", "fsdp2"], required=True)
+    p.add_argument("--adversarial", action="store_true", help="with adversarial=hinge")
     a = p.parse_args()
     if a.strategy == "fsdp2":
         from lightning.pytorch.strategies import ModelParallelStrategy
@@ -23,4 +24,4 @@ if __name__ == "__main__":
         strategy = ModelParallelStrategy(data_parallel_size=a.devices, tensor_parallel_size=1)
     else:
         strategy = "ddp"
-    fit(a.model, a.out, a.tag, a.devices, strategy)
+    fit(a.model, a.out, a.tag, a.devices, strategy, adversarial=a.adversarial)

@@ -24,7 +24,7 @@ def tiny_overrides(tiny_sdxl_dir, tmp_path):
     return [f"model.pretrained={tiny_sdxl_dir}", "model.build_if_missing=false"]
 
 
-@pytest.mark.parametrize("group", ["target_selection", "guidance", "loss"])
+@pytest.mark.parametrize("group", ["target_selection", "guidance", "loss", "adversarial"])
 def test_every_strategy_option_instantiates(group, tmp_path):
     for option in group_options(group):
         cfg = compose_cfg([f"{group}={option}"], tmp_path)

@@ -11,14 +11,14 @@ import torch
 
 from tdd_lightning.data.synthetic import SyntheticDataModule
 from tdd_lightning.module import TDDModule
-from tdd_lightning.strategies import DecoupledGuidance, PseudoHuberLoss, TDDSelection
+from tdd_lightning.strategies import DecoupledGuidance, HingeAdversarial, PseudoHuberLoss, TDDSelection
 from tdd_lightning.training.optim import ConstantWithWarmup
 
 STEPS, GLOBAL_BATCH = 4, 4
 
 
 class SaveState(L.Callback):
-    """Each rank writes its student LoRA and its learning rate at the end of fit."""
+    """Each rank writes its student LoRA, its adversarial heads (if any) and its lr at the end of fit."""
 
     def __init__(self, folder: Path, tag: str):
         self.folder, self.tag = folder, tag
@@ -27,11 +27,14 @@ class SaveState(L.Callback):
         lora = {n: p.detach().full_tensor() if hasattr(p, "full_tensor") else p.detach().clone()
                 for n, p in pl_module.roles.named_student_params().items()}  # fmt: skip
         lr = trainer.optimizers[0].param_groups[0]["lr"]
+        heads = pl_module.discriminator
+        heads = {k: v.detach().clone() for k, v in heads.state_dict().items()} if heads is not None else {}
         if trainer.is_global_zero or not hasattr(next(iter(pl_module.roles.student_params)), "full_tensor"):
-            torch.save({"lora": lora, "lr": lr}, self.folder / f"{self.tag}_rank{trainer.global_rank}.pt")
+            torch.save({"lora": lora, "lr": lr, "heads": heads},
+                       self.folder / f"{self.tag}_rank{trainer.global_rank}.pt")  # fmt: skip
 
 
-def fit(tiny_sdxl_dir, folder, tag, devices, strategy):
+def fit(tiny_sdxl_dir, folder, tag, devices, strategy, adversarial=False):
     module = TDDModule(
         model={"pretrained": str(tiny_sdxl_dir), "lora": {"rank": 4}},
         target_selection=TDDSelection(),
@@ -40,6 +43,7 @@ def fit(tiny_sdxl_dir, folder, tag, devices, strategy):
         optimizer=functools.partial(torch.optim.AdamW, lr=1e-3),
         lr_scheduler=functools.partial(torch.optim.lr_scheduler.LambdaLR, lr_lambda=ConstantWithWarmup(8)),
         ema_decay=0.5,
+        adversarial=HingeAdversarial(lr=1e-3) if adversarial else None,
     )
     dm = SyntheticDataModule(str(tiny_sdxl_dir), num_samples=32, batch_size=GLOBAL_BATCH // devices)
     trainer = L.Trainer(
@@ -72,10 +76,10 @@ def test_ddp_two_processes_equal_one_process(tiny_sdxl_dir, tmp_path):
     assert moved > 1e-4  # the LoRA really trained
 
 
-def fit_in_subprocess(tiny_sdxl_dir, folder, tag, strategy):
+def fit_in_subprocess(tiny_sdxl_dir, folder, tag, strategy, *extra):
     root = Path(__file__).resolve().parents[1]
     cmd = [sys.executable, "-m", "tests.distributed_fit", "--model", str(tiny_sdxl_dir), "--out", str(folder),
-           "--tag", tag, "--strategy", strategy]  # fmt: skip
+           "--tag", tag, "--strategy", strategy, *extra]  # fmt: skip
     r = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
 

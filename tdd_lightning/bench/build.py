@@ -67,6 +67,11 @@ class BenchConfig:
     sync_debug: bool = option(False, "CUDA: list the host syncs of one step")
     peak_tflops: float | None = option(None, "device peak for MFU (default: by name)")
     seed: int = option(0)
+    adversarial: str = option(
+        "none",
+        "hinge: also run the step with the adversarial term, its extra cost per phase next to the plain step",
+        choices=("none", "hinge"),
+    )
     overrides: list[str] = option([], "extra Hydra overrides, e.g. guidance.p_empty=0.5", positional=True)
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from tdd_lightning.bench.floor import FLOOR
-from tdd_lightning.bench.runner import PHASES
+from tdd_lightning.bench.runner import ALL_PHASES, PHASES
 
 TARGETS = {"overhead": 1.05, "naive": 1.2, "lora": 1.15}
 
@@ -43,6 +43,10 @@ def format_report(r: dict) -> str:
     lines += [
         f"{'step (mean of the above)':28s} {_ms(step_mean)}",
         f"{'step (median)':28s} {_ms(r['step_s'])}   -> {r['samples_per_s']:.2f} samples/s",
+    ]
+    if r.get("adversarial"):
+        lines += format_adversarial(r)
+    lines += [
         "",
         "compute floor (standalone passes, interleaved with the steps)",
     ]
@@ -103,6 +107,24 @@ def format_report(r: dict) -> str:
     return "\n".join(lines)
 
 
+def format_adversarial(r: dict) -> list[str]:
+    """The adversarial step's phases next to the plain step's (same run): plain, adversarial, extra."""
+    a, name = r["adversarial"], r["config"]["adversarial"]
+    plain, adv = r["phases_mean_s"], a["phases_mean_s"]
+    lines = [
+        "",
+        f"adversarial={name}: the step with the adversarial term ({a['steps']} measured steps, same model)",
+        f"{'phase (mean per step)':28s} {'plain':>8s} {'adv':>8s} {'extra':>8s}",
+    ]
+    for k in ALL_PHASES:
+        p, v = plain.get(k, 0.0), adv.get(k, 0.0)
+        lines.append(f"{k:28s} {_ms(p)} {_ms(v)} {_ms(v - p)}")
+    for label, key in (("step (mean of the above)", "step_mean_s"), ("step (median)", "step_s")):
+        p, v = r[key], a[key]
+        lines.append(f"{label:28s} {_ms(p)} {_ms(v)} {_ms(v - p)}   ({v / p:.2f}x the plain step)")
+    return lines
+
+
 def summary_line(r: dict) -> str:
     c, fl = r["config"], r["flops"] or {}
     items = {
@@ -122,6 +144,9 @@ def summary_line(r: dict) -> str:
         "peak_rss_mib": r["peak_rss_mib"],
         "cuda_peak_gib": r["cuda_peak_gib"],
     }
+    if r.get("adversarial"):
+        items["adv_step_ms"] = 1e3 * r["adversarial"]["step_s"]
+        items["adv_ratio"] = r["adversarial"]["step_s"] / r["step_s"]
 
     def fmt(v):
         if v is None:

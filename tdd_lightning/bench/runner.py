@@ -3,10 +3,13 @@
 Order: fit ``warmup + steps`` steps with the phase profiler; after each measured step (outside its
 timed window) one set of standalone floor passes, so that step times and floor times interleave and
 see the same machine load; then the naive mode on the same UNet; then FLOPs on the meta device.
+With ``--adversarial hinge`` the same is measured again (no naive mode, no ablation) for the step with the
+adversarial term, on the same model folder, in the same process: ``result["adversarial"]``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import resource
 import statistics
@@ -21,6 +24,7 @@ import torch
 from tdd_lightning.bench.build import BenchConfig, build
 from tdd_lightning.bench.floor import FLOOR, FloorPasses, ablation_summary
 from tdd_lightning.bench.timing import (
+    ADVERSARIAL_PHASES,
     CLOCKS,
     PhaseTimer,
     StepProfiler,
@@ -42,6 +46,8 @@ PHASES = (
     "logging",
     "other",
 )
+# the adversarial step's phases: the plain ones and the term's own (bench.timing), "other" last
+ALL_PHASES = (*PHASES[:-1], *ADVERSARIAL_PHASES, "other")
 
 
 def median(xs) -> float:
@@ -114,6 +120,21 @@ class Measured:
 def _run(cfg: BenchConfig, out_dir: Path) -> dict:
     """Build, fit with the phase profiler (floor passes and naive steps between the measured steps), then
     the statistics, the host syncs (``sync_debug``), FLOPs and the machine into one result dict."""
+    result = _measure(cfg, out_dir)
+    if cfg.adversarial != "none":
+        adv_cfg = dataclasses.replace(
+            cfg,
+            overrides=[*cfg.overrides, f"adversarial={cfg.adversarial}"],
+            naive_steps=0,
+            ablation=False,
+            sync_debug=False,
+            pretrained=cfg.pretrained or result["pretrained"],
+        )
+        result["adversarial"] = _measure(adv_cfg, out_dir / "adversarial", ALL_PHASES)
+    return result
+
+
+def _measure(cfg: BenchConfig, out_dir: Path, phases: tuple[str, ...] = PHASES) -> dict:
     t_start = time.perf_counter()
     device = torch.device(cfg.device)
     built = build(cfg, out_dir)
@@ -123,7 +144,7 @@ def _run(cfg: BenchConfig, out_dir: Path) -> dict:
     if cfg.sync_debug and device.type == "cuda":
         syncs = _sync_debug_step(built.loader, measured.trainer, module)
 
-    stats = aggregate(measured.records, measured.floor_times, module.bench_teacher_batches)
+    stats = aggregate(measured.records, measured.floor_times, module.bench_teacher_batches, phases)
     naive_stats = naive_summary(
         measured.naive_times, stats["step_times_s"], cfg.batch, measured.naive_records
     )
@@ -145,6 +166,7 @@ def _run(cfg: BenchConfig, out_dir: Path) -> dict:
         "cuda_peak_gib": measured.cuda_peak_gib,
         "host_syncs": syncs,
         "wall_s": time.perf_counter() - t_start,
+        "pretrained": str(built.pretrained) if built.pretrained is not None else None,
     }
 
 
@@ -245,7 +267,12 @@ def flop_summary(cfg: BenchConfig, built, stats: dict, device: torch.device) -> 
         return {"error": f"{type(e).__name__}: {e}"}
 
 
-def aggregate(records: list[dict], floor_times: dict[str, list[float]], teacher_batches: list[int]) -> dict:
+def aggregate(
+    records: list[dict],
+    floor_times: dict[str, list[float]],
+    teacher_batches: list[int],
+    phases: tuple[str, ...] = PHASES,
+) -> dict:
     """Step and floor statistics. Each measured step i is paired with the floor passes timed right after
     it at the same teacher batch: the ratios are medians of these pairs, which a changing machine load
     hardly moves. The phase table averages the steps no slower than 1.5x the median step (steps slowed
@@ -263,7 +290,7 @@ def aggregate(records: list[dict], floor_times: dict[str, list[float]], teacher_
         "step_s": step,
         "steps_excluded": n - len(typical),
         "step_mean_s": statistics.fmean(r["step"] for r in typical),
-        "phases_mean_s": {k: statistics.fmean(r.get(k, 0.0) for r in typical) for k in PHASES},
+        "phases_mean_s": {k: statistics.fmean(r.get(k, 0.0) for r in typical) for k in phases},
         "teacher_batch_mean": statistics.fmean(teacher_batches) if teacher_batches else None,
         "floor_s": {k: median(v) for k, v in floor_times.items()},
         "floor_total_s": median(floor_i),

@@ -7,6 +7,10 @@ Nothing here forks the step's code. Phases come from hooks around it:
 - instance-level wrappers of ``roles.update_target`` (EMA), ``module.distillation_loss`` (step maths:
   what remains of it once the UNet passes are taken out), ``module.log``/``log_dict`` and the loggers'
   ``log_metrics`` (logging), and the loader's ``next`` (data).
+With the adversarial term (``--adversarial hinge``), also: the teacher's feature passes of the real and the
+fake (``module.real_features`` / ``fake_features``, not counted as "teacher fwd"), the heads' forwards, and
+"adv bwd": the backward from its start until the gradient reaches the student's prediction (the heads' and
+the generator's backward through the frozen teacher), which "student bwd" would otherwise include.
 Whatever is left of the step is "other" (Lightning's loop, zero_grad, lr scheduler, batch transfer).
 Nested phases are exclusive (the outer one pauses), so the phases and "other" sum to the step time.
 On CUDA every phase boundary synchronises, so GPU work lands in the phase that queued it.
@@ -112,6 +116,7 @@ class TimedLoader:
 
 
 ROLE_PHASE = {"teacher": "teacher fwd", "target": "target fwd", "student": "student fwd"}
+ADVERSARIAL_PHASES = ("adv real fwd", "adv fake fwd", "heads", "adv bwd")
 
 
 def instrument(module, timer: PhaseTimer) -> list:
@@ -120,14 +125,22 @@ def instrument(module, timer: PhaseTimer) -> list:
     teacher_batches: list[int] = []
     module.bench_teacher_batches = teacher_batches
 
+    tap = getattr(module, "feature_tap", None)
+
+    def feature_pass() -> bool:  # the adversarial term's teacher passes are timed as their own phases
+        return tap is not None and tap.capturing
+
     def pre(_, args, kwargs):
+        if feature_pass():
+            return
         x = args[0] if args else kwargs["sample"]
         if roles.active == "teacher" and timer.armed:  # the measured steps' teacher batches
             teacher_batches.append(int(x.shape[0]))
         timer.start(ROLE_PHASE[roles.active])
 
     def post(_, args, kwargs, out):
-        timer.stop(ROLE_PHASE[roles.active])
+        if not feature_pass():
+            timer.stop(ROLE_PHASE[roles.active])
 
     handles = [
         module.unet.register_forward_pre_hook(pre, with_kwargs=True),
@@ -144,7 +157,27 @@ def instrument(module, timer: PhaseTimer) -> list:
     module.distillation_loss = timed(timer, "step maths", module.distillation_loss)
     module.log = timed(timer, "logging", module.log)
     module.log_dict = timed(timer, "logging", module.log_dict)
+    if tap is not None:
+        instrument_adversarial(module, timer)
     return handles
+
+
+def instrument_adversarial(module, timer: PhaseTimer) -> None:
+    """The adversarial term's phases (``ADVERSARIAL_PHASES``); ``StepProfiler`` opens "adv bwd"."""
+    module.real_features = timed(timer, "adv real fwd", module.real_features)
+    module.fake_features = timed(timer, "adv fake fwd", module.fake_features)
+    heads = module.discriminator
+    heads.forward = timed(timer, "heads", heads.forward)  # the generator's functional call comes here too
+    terms = module.adversarial_terms
+
+    def adversarial_terms(out, generators):
+        result = terms(out, generators)
+        if out["pred"].requires_grad:  # the gradient reaching the prediction ends "adv bwd"
+            out["pred"].register_hook(lambda grad: timer.stop("adv bwd"))
+            module.bench_adv_backward = True
+        return result
+
+    module.adversarial_terms = adversarial_terms
 
 
 class StepProfiler(L.Callback):
@@ -173,6 +206,9 @@ class StepProfiler(L.Callback):
 
     def on_before_backward(self, trainer, pl_module, loss) -> None:
         self.timer.start("student bwd")
+        if getattr(pl_module, "bench_adv_backward", False):  # the adversarial part of it comes first
+            pl_module.bench_adv_backward = False
+            self.timer.start("adv bwd")
 
     def on_after_backward(self, trainer, pl_module) -> None:
         self.timer.stop("student bwd")

@@ -11,6 +11,7 @@ from tdd_lightning.diffusion.ops import (
     ddim_jump,
     eps_to_x0,
     lcm_consistency,
+    renoise,
     x0_to_eps,
 )
 from tdd_lightning.diffusion.prediction import PREDICTION_TYPES, check_prediction_type, to_eps_x0
@@ -40,6 +41,7 @@ __all__ = [
     "lcm_consistency",
     "nonequidistant_schedule",
     "pseudo_huber_loss",
+    "renoise",
     "target_set",
     "tdd_timesteps",
     "teacher_grid",

@@ -11,7 +11,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from tdd_lightning.diffusion.ops import ddim_jump
+from tdd_lightning.diffusion.ops import ddim_jump, renoise
 from tdd_lightning.diffusion.prediction import to_eps_x0
 from tdd_lightning.diffusion.schedule import NoiseSchedule
 
@@ -47,7 +47,7 @@ def tdd_sample(
             abar_t = schedule.alphas_cumprod[t_next]
             ratio = (abar_t / schedule.alphas_cumprod[s_next]).to(x.dtype)
             z = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-            x = ratio.sqrt() * x + (1 - ratio).sqrt() * z
+            x = renoise(x, z, ratio)
     return x
 
 

@@ -39,6 +39,15 @@ def warmup_decay(decay: float, updates: int) -> float:
     return min(decay, (1.0 + updates) / (10.0 + updates))
 
 
+def grad_norm(params: Sequence[torch.nn.Parameter]) -> torch.Tensor:
+    """The global L2 norm of the parameters' gradients (0 when none has one; sharded: the full norm)."""
+    grads = [p.grad for p in params if p.grad is not None]
+    norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))) if grads else torch.zeros(())
+    if hasattr(norm, "full_tensor"):  # sharded gradients (FSDP2): the global norm
+        norm = norm.full_tensor()
+    return norm
+
+
 def lora_config(rank: int, alpha: float | None, target_modules: Sequence[str]):
     from peft import LoraConfig
 

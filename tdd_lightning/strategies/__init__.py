@@ -1,6 +1,7 @@
-"""Swappable pieces of the training step: target selection, guidance, loss (one Hydra group each), and
-what a LoRA trained with them is sampled with (``inference``)."""
+"""Swappable pieces of the training step: target selection, guidance, loss, adversarial term (one Hydra group
+each), and what a LoRA trained with them is sampled with (``inference``)."""
 
+from tdd_lightning.strategies.adversarial import Adversarial, HingeAdversarial, NoAdversarial
 from tdd_lightning.strategies.base import ConfigError
 from tdd_lightning.strategies.guidance import (
     DecoupledGuidance,
@@ -26,15 +27,18 @@ from tdd_lightning.strategies.target_selection import (
 
 __all__ = [
     "RECOMMENDED",
+    "Adversarial",
     "ConfigError",
     "DecoupledGuidance",
     "DistillationLoss",
     "Guidance",
     "GuidanceDraw",
+    "HingeAdversarial",
     "InferenceSchedule",
     "L2Loss",
     "LCMRangeGuidance",
     "LCMSelection",
+    "NoAdversarial",
     "NoGuidance",
     "PCMSelection",
     "PseudoHuberLoss",

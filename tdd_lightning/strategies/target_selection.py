@@ -69,6 +69,10 @@ class TargetSelection:
         a_s, sigma_s = schedule.a_sigma(s, x)
         return ddim_jump(x, eps, a_t, sigma_t, a_s, sigma_s, x0=x0)
 
+    def comparison_time(self, s: torch.Tensor) -> torch.Tensor:
+        """The time of the points ``consistency`` gives (where the adversarial term re-noises from): s."""
+        return s
+
     def inference_schedule(self) -> InferenceSchedule:
         """The schedule a LoRA trained with this strategy is sampled with. Base: the default step range
         on the grid, no eta jumps trained (LCM)."""
@@ -154,6 +158,10 @@ class LCMSelection(TargetSelection):
         view = (-1,) + (1,) * (x.ndim - 1)
         c_skip, c_out = c_skip.to(x).view(view), c_out.to(x).view(view)
         return lcm_consistency(x, eps, a_t, sigma_t, c_skip, c_out, x0=x0)
+
+    def comparison_time(self, s: torch.Tensor) -> torch.Tensor:
+        """The consistency function's points are estimates of x0: time 0."""
+        return torch.zeros_like(s)
 
 
 class TCDSelection(TargetSelection):

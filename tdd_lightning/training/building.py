@@ -18,7 +18,7 @@ from tdd_lightning.models.config import ModelConfig
 from tdd_lightning.training.config_checks import check_node
 from tdd_lightning.training.validation import validate
 
-STRATEGY_GROUPS = ("target_selection", "guidance", "loss")
+STRATEGY_GROUPS = ("target_selection", "guidance", "loss", "adversarial")
 
 
 def build(group: str, node: DictConfig | None, **kwargs) -> Any:
@@ -40,8 +40,15 @@ def build(group: str, node: DictConfig | None, **kwargs) -> Any:
 
 
 def build_strategies(cfg: DictConfig) -> dict[str, Any]:
-    """Target selection, guidance and loss, built (so validated: each checks its own knobs)."""
-    return {group: build(group, cfg[group]) for group in STRATEGY_GROUPS}
+    """Target selection, guidance, loss and adversarial term, built (so validated: each checks its own knobs).
+
+    The adversarial term also checks the trainer settings it cannot train with (gradient accumulation)."""
+    strategies = {group: build(group, cfg[group]) for group in STRATEGY_GROUPS}
+    trainer = cfg.get("trainer") or {}
+    strategies["adversarial"].check_trainer(
+        trainer.get("accumulate_grad_batches", 1), str(trainer.get("precision", "32-true"))
+    )
+    return strategies
 
 
 def check_cheap(cfg: DictConfig) -> dict[str, Any]:

@@ -9,7 +9,8 @@ to this interface, never to one family's tensors. A family owns:
 - what its cached shards and batches hold (``cond_keys``) and the unconditional condition u (the text
   parts zeros or the encoded "", one convention everywhere);
 - how to call its denoiser (``denoise``), its default LoRA target modules, its diffusers pipeline class
-  (``pipeline_class``) and the kohya/modelspec names an exported file carries.
+  (``pipeline_class``) and the kohya/modelspec names an exported file carries;
+- where the adversarial heads read the teacher's features (``discriminator_sites``).
 The noise schedule and the prediction type (eps, v or x0) are the model's scheduler config's
 (``noise_schedule``, ``prediction_type``: the hooks a flow-matching family overrides); the conversions
 of a model output to (eps, x0) live in ``diffusion.prediction``.
@@ -24,9 +25,10 @@ from pathlib import Path
 import torch
 
 from tdd_lightning.diffusion import NoiseSchedule
-from tdd_lightning.errors import UserError
+from tdd_lightning.errors import ConfigError, UserError
 from tdd_lightning.models import conditioning
 from tdd_lightning.models.conditioning import Cond
+from tdd_lightning.models.features import FeatureSite
 from tdd_lightning.models.roles import SDXL_LORA_TARGETS
 
 # LoRA targets of the authors' SDXL run (ALGORITHM.md section 6); their SD1.5 trainer uses the same names
@@ -142,11 +144,41 @@ class ModelFamily:
         """(out_c, out_u) from one batched forward (``conditioning.teacher_cfg_eps``)."""
         return conditioning.teacher_cfg_eps(self.denoise, unet, x_t, t, cond, uncond, same)
 
+    # ---- the adversarial heads' features (ALGORITHM.md section 7) -----------------------------------
+    def discriminator_sites(self, unet, names: Sequence[str] | None = None) -> list[FeatureSite]:
+        """The modules whose outputs the adversarial heads read, in forward order (``names``: a subset).
+
+        A UNet (both UNet families): its down blocks and its mid block, as the authors' SDXL trainer, each
+        giving [B, C, H, W]. A transformer family overrides this with its blocks and layout "tokens"
+        (token-pooled heads) and the ``select`` that picks the image tokens out of a block's output."""
+        widths = list(unet.config.block_out_channels)
+        sites = [FeatureSite(f"down_blocks.{i}", b, widths[i]) for i, b in enumerate(unet.down_blocks)]
+        if unet.mid_block is not None:
+            sites.append(FeatureSite("mid_block", unet.mid_block, widths[-1]))
+        return select_sites(self, sites, names)
+
     def batch_size(self, cond: Cond) -> int:
         return next(iter(cond.values())).shape[0]
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
+
+
+def select_sites(
+    family: ModelFamily, sites: list[FeatureSite], names: Sequence[str] | None
+) -> list[FeatureSite]:
+    """``sites`` restricted to ``names`` (None: all), in forward order; a ConfigError names an unknown one."""
+    if names is None:
+        return sites
+    known = [s.name for s in sites]
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise ConfigError(
+            "adversarial.features",
+            list(names),
+            f"model.family={family.name} has the sites {', '.join(known)}",
+        )
+    return [s for s in sites if s.name in names]
 
 
 def check_keys(family: ModelFamily, tensors: Mapping[str, torch.Tensor], what: str) -> None:
