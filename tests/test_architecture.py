@@ -16,7 +16,7 @@ LAYERS: list[set[str]] = [
     {"errors", "checkpoint_io", "plotting", "progress", "diffusion"},  # pure maths and leaf helpers
     {"strategies", "models"},  # the method's swappable parts; model loading, families, LoRA roles
     {"data"},  # webdataset shards, preprocessing, offline encode
-    {"module", "scheduling_tdd", "export", "pipelines", "training"},  # the LightningModule and its glue
+    {"module", "scheduling_tdd", "scheduling_tdd_flow", "export", "pipelines", "training"},  # module and glue
     {"toy", "bench", "sample"},  # tools built on everything: toy benchmark, performance bench, sampler
 ]
 
