@@ -38,7 +38,7 @@ from tdd_lightning.diffusion import (
     tdd_timesteps,
     to_eps_x0,
 )
-from tdd_lightning.diffusion.flow import FLOW_INERT_KEYS
+from tdd_lightning.diffusion.flow import flow_unhonoured_keys
 from tdd_lightning.scheduling_tdd import (
     Generators,
     TDDSchedulerOutput,
@@ -123,12 +123,8 @@ class TDDFlowScheduler(SchedulerMixin, ConfigMixin):
         defaults = set(config.get("_use_default_values", ()))
         given = {k: v for k, v in config.items() if k not in defaults and not k.startswith("_")} | kwargs
         known = [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
-        for key, value in given.items():
-            if key in known or (key in FLOW_INERT_KEYS and FLOW_INERT_KEYS[key] in (None, value)):
-                continue
-            if key in FLOW_INERT_KEYS and key == "shift_terminal" and not value:
-                continue
-            _warn_once(f"TDDFlowScheduler.from_config: {key}={value!r} is not honoured by TDD (ignored)")
+        for message in flow_unhonoured_keys(given, known):
+            _warn_once(f"TDDFlowScheduler.from_config: {message}")
         kept = {k: v for k, v in given.items() if k in known}
         return super().from_config(kept, return_unused_kwargs=return_unused_kwargs)
 

@@ -24,7 +24,7 @@ Training and inference use this ONE mapping: the training step computes mu from 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
@@ -46,6 +46,21 @@ FLOW_SCHEDULE_KEYS = (
     "num_train_timesteps", "shift", "use_dynamic_shifting", "base_shift", "max_shift",
     "base_image_seq_len", "max_image_seq_len", "time_shift_type",
 )  # fmt: skip
+
+
+def flow_unhonoured_keys(config: Mapping[str, Any], known: Iterable[str] = ()) -> list[str]:
+    """One message per key of a flow scheduler ``config`` that TDD cannot honour: neither a key of the shift
+    (``FLOW_SCHEDULE_KEYS``), nor in ``known``, nor inert at its value (``FLOW_INERT_KEYS``)."""
+    known = set(known) | set(FLOW_SCHEDULE_KEYS)
+    out = []
+    for key, value in config.items():
+        if key.startswith("_") or key in known:
+            continue
+        if key in FLOW_INERT_KEYS and (FLOW_INERT_KEYS[key] is None or FLOW_INERT_KEYS[key] == value):
+            if key != "shift_terminal" or not value:
+                continue
+        out.append(f"{key}={value!r} is not honoured by TDD (ignored)")
+    return out
 
 
 def calculate_shift(

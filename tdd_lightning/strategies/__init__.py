@@ -4,6 +4,7 @@ what a LoRA trained with them is sampled with (``inference``)."""
 from tdd_lightning.strategies.base import ConfigError
 from tdd_lightning.strategies.guidance import (
     DecoupledGuidance,
+    EmbeddedGuidance,
     Guidance,
     GuidanceDraw,
     LCMRangeGuidance,
@@ -29,6 +30,7 @@ __all__ = [
     "ConfigError",
     "DecoupledGuidance",
     "DistillationLoss",
+    "EmbeddedGuidance",
     "Guidance",
     "GuidanceDraw",
     "InferenceSchedule",
