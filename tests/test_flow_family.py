@@ -16,7 +16,7 @@ from tdd_lightning.errors import UserError
 from tdd_lightning.export import export_lora, read_metadata
 from tdd_lightning.models import get_family
 from tdd_lightning.models.encoder import decode_latents
-from tdd_lightning.models.families.flux import FLUX, FluxEncoder, build_tiny_flux_dev, pack, unpack
+from tdd_lightning.models.families.flux import FLUX, FluxEncoder, pack, unpack
 from tdd_lightning.models.flux_tiny import build_tiny_flux
 from tdd_lightning.module import TDDModule
 from tdd_lightning.pipelines import load_tdd_pipeline, tdd_scheduler
@@ -28,8 +28,8 @@ TEXT_LENGTH = 16  # the tiny T5's model_max_length: FluxPipeline's max_sequence_
 
 
 @pytest.fixture(scope="module")
-def dev_dir(tmp_path_factory):
-    return build_tiny_flux_dev(tmp_path_factory.mktemp("tiny-flux-dev"))
+def dev_dir(tiny_flux_dev_dir):
+    return tiny_flux_dev_dir
 
 
 @pytest.fixture(scope="module")
