@@ -288,9 +288,13 @@ def export_lora(
                 diffusers_state_dict(tensors, prefix), folder / DIFFUSERS_WEIGHT_NAME, header
             )
         if "kohya" in formats:
-            header = {"format": "pt", **_kohya_metadata(spec, checkpoint_family(ckpt)), **meta}
+            family = checkpoint_family(ckpt)
+            header = {"format": "pt", **_kohya_metadata(spec, family), **meta}
+            layout = family.kohya_state_dict(tensors, spec.alpha)  # FLUX: BFL names, fused q/k/v
             written[role, "kohya"] = save_safetensors_atomic(
-                kohya_state_dict(tensors, spec.alpha), folder / KOHYA_WEIGHT_NAME, header
+                kohya_state_dict(tensors, spec.alpha) if layout is None else layout,
+                folder / KOHYA_WEIGHT_NAME,
+                header,
             )
     return written
 

@@ -125,6 +125,10 @@ def test_training_steps_are_finite_and_record_the_flow_schedule(trained):
         and meta["scheduler_module"] == "tdd_lightning.scheduling_tdd_flow"
     )
     assert meta["noise_schedule"] == m.hparams["noise_schedule"]
+    from safetensors import safe_open
+
+    with safe_open(str(trained["files"]["student", "kohya"]), framework="pt") as f:  # BFL names, q/k/v fused
+        assert "lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight" in set(f.keys())
     assert meta["guidance_strategy"] == {"embedded": "embedded", "true_cfg": "decoupled"}[trained["kind"]]
     if trained["kind"] == "embedded":
         assert (

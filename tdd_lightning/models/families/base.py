@@ -179,6 +179,11 @@ class ModelFamily:
         """(out_c, out_u) from one batched forward (``conditioning.teacher_cfg_eps``)."""
         return conditioning.teacher_cfg_eps(self.denoise, unet, x_t, t, cond, uncond, same)
 
+    def kohya_state_dict(self, tensors: Mapping[str, torch.Tensor], alpha: float) -> dict | None:
+        """The family's own kohya / ComfyUI key layout of a peft state dict; None: the default
+        ``lora_unet_<module path>`` layout (``export.kohya_state_dict``)."""
+        return None
+
     def batch_size(self, cond: Cond) -> int:
         return next(iter(cond.values())).shape[0]
 

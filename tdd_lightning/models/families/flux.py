@@ -307,6 +307,9 @@ class FluxFamily(ModelFamily):
     def denoise(self, unet, x, t, cond: Cond) -> torch.Tensor:
         return transformer_velocity(unet, x, t, cond)
 
+    def kohya_state_dict(self, tensors, alpha: float) -> dict[str, torch.Tensor]:
+        return flux_kohya_state_dict(tensors, alpha)
+
     def randn_like(self, x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
         """Noise drawn in the packed token layout [B, (H/2)(W/2), 4C] (as FluxPipeline's scheduler sees the
         latents), returned unpacked: the module's sampler then draws what the pipeline's does."""
@@ -325,3 +328,67 @@ def build_tiny_flux_dev(out_dir: str | os.PathLike) -> Path:
     from tdd_lightning.models.flux_tiny import TinyFluxConfig, build_tiny_flux
 
     return build_tiny_flux(out_dir, TinyFluxConfig(guidance_embeds=True))
+
+
+# ---- the kohya / ComfyUI layout of a FLUX LoRA: BFL's module names, q/k/v (single blocks: + MLP) fused
+def _bfl_groups(modules: set[str]) -> dict[str, list[str]]:
+    """BFL (ComfyUI / kohya) module name -> the diffusers modules it fuses, for the adapted ``modules``."""
+    groups: dict[str, list[str]] = {}
+    doubles = sorted({int(m.split(".")[1]) for m in modules if m.startswith("transformer_blocks.")})
+    singles = sorted({int(m.split(".")[1]) for m in modules if m.startswith("single_transformer_blocks.")})
+    for i in doubles:
+        b, k = f"transformer_blocks.{i}", f"lora_unet_double_blocks_{i}"
+        groups |= {
+            f"{k}_img_attn_qkv": [f"{b}.attn.to_q", f"{b}.attn.to_k", f"{b}.attn.to_v"],
+            f"{k}_img_attn_proj": [f"{b}.attn.to_out.0"],
+            f"{k}_img_mlp_0": [f"{b}.ff.net.0.proj"],
+            f"{k}_img_mlp_2": [f"{b}.ff.net.2"],
+            f"{k}_txt_attn_qkv": [f"{b}.attn.add_q_proj", f"{b}.attn.add_k_proj", f"{b}.attn.add_v_proj"],
+            f"{k}_txt_attn_proj": [f"{b}.attn.to_add_out"],
+            f"{k}_txt_mlp_0": [f"{b}.ff_context.net.0.proj"],
+            f"{k}_txt_mlp_2": [f"{b}.ff_context.net.2"],
+        }
+    for i in singles:
+        b, k = f"single_transformer_blocks.{i}", f"lora_unet_single_blocks_{i}"
+        groups[f"{k}_linear1"] = [f"{b}.attn.to_q", f"{b}.attn.to_k", f"{b}.attn.to_v", f"{b}.proj_mlp"]
+        groups[f"{k}_linear2"] = [f"{b}.proj_out"]
+    if "proj_out" in modules:
+        groups["lora_unet_final_layer_linear"] = ["proj_out"]
+    return groups
+
+
+def flux_kohya_state_dict(tensors: Mapping[str, torch.Tensor], alpha: float) -> dict[str, torch.Tensor]:
+    """peft state dict (``<module>.lora_A.weight``, the module's scale alpha / r) -> the BFL-named kohya file
+    ComfyUI loads natively and diffusers' ``_convert_kohya_flux_lora_to_diffusers`` reads back.
+
+    A fused BFL linear (img/txt ``attn_qkv``: q, k, v; single ``linear1``: q, k, v, proj_mlp) gets the stacked
+    lora_down [n r, in] and the block-diagonal lora_up [sum out, n r] with alpha n * alpha: the same
+    (alpha / r) B A per part, exactly (diffusers recognises the block-diagonal form and splits it back).
+    The final layer's alpha is not read by diffusers: its scale is folded into lora_up (alpha = rank)."""
+    modules = {k.rsplit(".lora_", 1)[0] for k in tensors}
+    groups = _bfl_groups(modules)
+    covered = {m for parts in groups.values() for m in parts}
+    unknown = sorted(modules - covered)
+    if unknown:
+        raise UserError(
+            f"the kohya FLUX layout has no name for the adapted module(s) {unknown[:3]}: export with "
+            "--format diffusers (or train with the flux family's default target modules)"
+        )
+    out: dict[str, torch.Tensor] = {}
+    for name, parts in groups.items():
+        present = [m for m in parts if f"{m}.lora_A.weight" in tensors]
+        if not present:
+            continue
+        if len(present) != len(parts):
+            raise UserError(f"the kohya FLUX layout fuses {parts} into {name}: adapt all of them or none")
+        downs = [tensors[f"{m}.lora_A.weight"] for m in parts]
+        ups = [tensors[f"{m}.lora_B.weight"] for m in parts]
+        rank = downs[0].shape[0]
+        if name == "lora_unet_final_layer_linear":
+            down, up, a = downs[0], ups[0] * (alpha / rank), float(rank)
+        else:
+            down, up, a = torch.cat(downs), torch.block_diag(*ups), alpha * len(parts)
+        out[f"{name}.lora_down.weight"] = down.contiguous()
+        out[f"{name}.lora_up.weight"] = up.contiguous()
+        out[f"{name}.alpha"] = torch.tensor(float(a), dtype=down.dtype)
+    return dict(sorted(out.items()))
