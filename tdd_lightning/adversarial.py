@@ -26,7 +26,7 @@ import warnings
 
 import torch
 
-from tdd_lightning.diffusion import append_dims, renoise
+from tdd_lightning.diffusion import renoise_coefficients
 from tdd_lightning.errors import UserError
 from tdd_lightning.models.discriminator import Discriminator
 from tdd_lightning.models.features import FeatureTap
@@ -122,14 +122,15 @@ class AdversarialSteps:
         u = uniform(B_global, host)[mine].to(device)
         t_gan = adv.t_gan(s, u, schedule.num_train_timesteps)
         z = torch.randn((2, B_global, *pred.shape[1:]), generator=on_device, device=device, dtype=pred.dtype)
-        abar = schedule.alphas_cumprod.to(device)
-        ratio = append_dims((abar[t_gan] / abar[s]).to(pred.dtype), pred.ndim)
-        x_real = renoise(target, z[0, mine], ratio)
-        x_fake = renoise(pred, z[1, mine], ratio)
+        # any process x = a x0 + sigma eps (VP or flow): x_tgan = (a_tg / a_s) x_s + std z (ALGORITHM.md 8.3)
+        scale, std = renoise_coefficients(*schedule.a_sigma(t_gan, pred), *schedule.a_sigma(s, pred))
+        x_real = scale * target + std * z[0, mine]
+        x_fake = scale * pred + std * z[1, mine]
 
         # the frozen teacher's features of both; the heads score them
-        f_real = self.real_features(x_real, t_gan, c)
-        f_fake = self.fake_features(x_fake, t_gan, c)
+        t_in = schedule.model_time(t_gan, pred)  # the timestep the denoiser is given (a flow model: sigma T)
+        f_real = self.real_features(x_real, t_in, c)
+        f_fake = self.fake_features(x_fake, t_in, c)
         d_real = heads(f_real)
         d_fake = heads([f.detach() for f in f_fake])  # the discriminator's term: no gradient to the student
         frozen = {n: p.detach() for n, p in heads.named_parameters()}

@@ -4,8 +4,9 @@ Two formats, both safetensors with the same ``tdd.*`` metadata (rank, alpha, tar
 recommended scheduler and its settings, the TDD knobs the model was trained with):
 
 - diffusers: ``pytorch_lora_weights.safetensors`` for ``load_lora_weights`` of the family's pipeline
-  (``StableDiffusionXLPipeline`` or ``StableDiffusionPipeline``; ``tdd.family`` and ``tdd.pipeline`` name it).
-  The tensors are the peft state dict as-is (keys ``unet.<module>.lora_A.weight``), which is what
+  (``StableDiffusionXLPipeline``, ``StableDiffusionPipeline`` or ``FluxPipeline``; ``tdd.family`` and
+  ``tdd.pipeline`` name it). The tensors are the peft state dict as-is (keys ``unet.<module>.lora_A.weight``;
+  ``transformer.<module>...`` for FLUX: the family's ``lora_prefix``), which is what
   ``get_peft_model_state_dict(unet, adapter_name=role)`` gives, and the peft LoraConfig travels in the
   ``lora_adapter_metadata`` header key, so that loading at scale 1.0 reproduces the trained model whatever
   ``lora_alpha`` was (docs/STACK_NOTES.md: both silent traps avoided).
@@ -140,10 +141,12 @@ def checkpoint_family(ckpt: Mapping[str, Any]):
 
 
 # ---- the two formats -------------------------------------------------------------------------------
-def diffusers_state_dict(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """peft state dict -> the diffusers LoRA file's keys (``unet.`` prefix, as save_lora_weights; the same
-    for the SDXL and SD1.5 pipelines' loaders)."""
-    return {f"unet.{k}": v for k, v in tensors.items()}
+def diffusers_state_dict(
+    tensors: Mapping[str, torch.Tensor], prefix: str = "unet"
+) -> dict[str, torch.Tensor]:
+    """peft state dict -> the diffusers LoRA file's keys (``unet.`` prefix, as save_lora_weights, for the SDXL
+    and SD1.5 pipelines' loaders; ``transformer.`` for FluxPipeline's)."""
+    return {f"{prefix}.{k}": v for k, v in tensors.items()}
 
 
 def kohya_state_dict(tensors: Mapping[str, torch.Tensor], alpha: float) -> dict[str, torch.Tensor]:
@@ -165,6 +168,9 @@ def tdd_metadata(ckpt: Mapping[str, Any], role: str, spec: LoRASpec) -> dict[str
     guidance = dict(hp.get("guidance") or {})
     schedule, guidance_scale = recorded_inference(hp)  # what the strategies recorded in training
     family = checkpoint_family(ckpt)
+    scheduler_module = (
+        "scheduling_tdd_flow" if family.scheduler_class == "TDDFlowScheduler" else "scheduling_tdd"
+    )
     meta = {
         "tdd.format_version": METADATA_VERSION,
         "tdd.role": role,
@@ -175,8 +181,8 @@ def tdd_metadata(ckpt: Mapping[str, Any], role: str, spec: LoRASpec) -> dict[str
         "tdd.family": family.name,
         "tdd.pipeline": family.pipeline_class,
         "tdd.global_step": str(ckpt.get("global_step", "")),
-        "tdd.scheduler": "TDDScheduler",
-        "tdd.scheduler_module": "tdd_lightning.scheduling_tdd",
+        "tdd.scheduler": family.scheduler_class,
+        "tdd.scheduler_module": f"tdd_lightning.{scheduler_module}",
         "tdd.scheduler_config": json.dumps(schedule.scheduler_config()),
         "tdd.recommended": json.dumps(schedule.recommended(guidance_scale)),
         "tdd.uncond": str(guidance.get("uncond", "zeros")),
@@ -184,6 +190,10 @@ def tdd_metadata(ckpt: Mapping[str, Any], role: str, spec: LoRASpec) -> dict[str
         "tdd.guidance": json.dumps(guidance),
         "tdd.ema_decay": str(hp.get("ema_decay", "")),
     }
+    if "guidance_strategy" in hp:  # decoupled (CFG), embedded (the denoiser's guidance input), ...
+        meta["tdd.guidance_strategy"] = str(hp["guidance_strategy"])
+    if "noise_schedule" in hp:  # a flow model's shift, as trained (the scheduler must use the same)
+        meta["tdd.noise_schedule"] = json.dumps(hp["noise_schedule"])
     return meta
 
 
@@ -271,21 +281,29 @@ def export_lora(
         meta = tdd_metadata(ckpt, role, spec)
         folder = Path(out_dir) / role
         if "diffusers" in formats:
-            header = {"format": "pt", LORA_ADAPTER_METADATA_KEY: _diffusers_adapter_metadata(spec), **meta}
+            prefix = checkpoint_family(ckpt).lora_prefix
+            adapter = _diffusers_adapter_metadata(spec, prefix)
+            header = {"format": "pt", LORA_ADAPTER_METADATA_KEY: adapter, **meta}
             written[role, "diffusers"] = save_safetensors_atomic(
-                diffusers_state_dict(tensors), folder / DIFFUSERS_WEIGHT_NAME, header
+                diffusers_state_dict(tensors, prefix), folder / DIFFUSERS_WEIGHT_NAME, header
             )
         if "kohya" in formats:
-            header = {"format": "pt", **_kohya_metadata(spec, checkpoint_family(ckpt)), **meta}
+            family = checkpoint_family(ckpt)
+            header = {"format": "pt", **_kohya_metadata(spec, family), **meta}
+            layout = family.kohya_state_dict(tensors, spec.alpha)  # FLUX: BFL names, fused q/k/v
             written[role, "kohya"] = save_safetensors_atomic(
-                kohya_state_dict(tensors, spec.alpha), folder / KOHYA_WEIGHT_NAME, header
+                kohya_state_dict(tensors, spec.alpha) if layout is None else layout,
+                folder / KOHYA_WEIGHT_NAME,
+                header,
             )
     return written
 
 
-def _diffusers_adapter_metadata(spec: LoRASpec) -> str:
-    """The value diffusers' save_lora_weights writes: the config with a ``unet.`` prefix per key."""
-    return json.dumps({f"unet.{k}": v for k, v in spec.peft_config().items()}, indent=2, sort_keys=True)
+def _diffusers_adapter_metadata(spec: LoRASpec, prefix: str = "unet") -> str:
+    """The value diffusers' save_lora_weights writes: the config with a ``unet.`` (``transformer.``) prefix
+    per key."""
+    config = {f"{prefix}.{k}": v for k, v in spec.peft_config().items()}
+    return json.dumps(config, indent=2, sort_keys=True)
 
 
 def _kohya_metadata(spec: LoRASpec, family) -> dict[str, str]:

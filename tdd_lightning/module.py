@@ -21,7 +21,6 @@ from tdd_lightning.diffusion import (
     ddim_jump,
     k_step_schedule,
     to_eps_x0,
-    unhonoured_keys,
 )
 from tdd_lightning.diffusion.ops import append_dims
 from tdd_lightning.diffusion.sampling import guided, tdd_sample
@@ -68,7 +67,7 @@ def schedule_from_config(family, config: Mapping[str, Any]) -> NoiseSchedule:
     config = dict(config)
     defaults = set(config.get("_use_default_values", ()))  # a loader's class defaults, not the model's
     given = {k: v for k, v in config.items() if k not in defaults}
-    for message in unhonoured_keys(given, TRAINING_KEYS):
+    for message in family.unhonoured_scheduler_keys(given, TRAINING_KEYS):
         rank_zero_warn(f"scheduler config: {message}")
     try:
         return family.noise_schedule(config)
@@ -142,6 +141,7 @@ class TDDModule(AdversarialSteps, L.LightningModule):
                 "model": self.model_cfg,
                 "target_selection": target_selection.describe(),
                 "guidance": vars(guidance),
+                "guidance_strategy": guidance.name,
                 "loss": loss.describe(),
                 "ema_decay": ema_decay,
                 "eval_ema_decay": self.eval_ema_decay,
@@ -194,7 +194,10 @@ class TDDModule(AdversarialSteps, L.LightningModule):
         cfg = self.model_config
         lora = cfg.lora
         self.family.check_unet(unet.config)
+        self.family.check_guidance(unet.config, self.guidance.embedded)
         self.schedule = schedule_from_config(self.family, scheduler_config)
+        if hasattr(self.schedule, "describe"):  # a flow model's shift: the export records it
+            self.hparams["noise_schedule"] = self.schedule.describe()
         self.prediction_type = self.family.prediction_type(scheduler_config)
         try:
             check_prediction_type(self.prediction_type, self.schedule.terminal_abar)
@@ -230,10 +233,8 @@ class TDDModule(AdversarialSteps, L.LightningModule):
         from torch.distributed.fsdp import fully_shard
 
         unet = self.unet
-        blocks = [*unet.down_blocks, unet.mid_block, *unet.up_blocks]
-        for block in blocks:
-            if block is not None:
-                fully_shard(block, mesh=mesh)
+        for block in self.family.fsdp_blocks(unet):
+            fully_shard(block, mesh=mesh)
         fully_shard(unet, mesh=mesh)
         self.roles.collect_params()  # sharding replaced the parameter objects
 
@@ -307,6 +308,8 @@ class TDDModule(AdversarialSteps, L.LightningModule):
         drop_host = draw.drop[mine]
         drop, w = to_device(drop_host, device), to_device(draw.w[mine], device)
         c = replace_where(drop, c, u)
+        if self.guidance.embedded:  # w is the denoiser's guidance input, for teacher, student and target
+            c = {**c, "guidance": w}
 
         # 3. start time t on the teacher grid, teacher end time t', noisy latent x_t
         t_global, t_prev_global = ts.sample_times(B_global, host)
@@ -314,6 +317,7 @@ class TDDModule(AdversarialSteps, L.LightningModule):
         eps = torch.randn((B_global, *x0.shape[1:]), generator=on_device, device=device, dtype=x0.dtype)[mine]
         a_t, sigma_t = schedule.a_sigma(t, x0)
         x_t = add_noise(x0, eps, a_t, sigma_t)
+        t_in, t_prev_in = schedule.model_time(t, x0), schedule.model_time(t_prev, x0)  # the denoiser's t
 
         # 4. target timestep s
         s = to_device(ts.select(t_prev_global, host)[mine], device)
@@ -321,24 +325,24 @@ class TDDModule(AdversarialSteps, L.LightningModule):
         # 5. student (LoRA on, with gradients): its output as (eps, x0) at t, then the jump t -> s
         kind = self.prediction_type
         with roles.role(STUDENT) as unet:
-            eps_s, x0_s = to_eps_x0(family.denoise(unet, x_t, t, c).float(), x_t, a_t, sigma_t, kind)
+            eps_s, x0_s = to_eps_x0(family.denoise(unet, x_t, t_in, c).float(), x_t, a_t, sigma_t, kind)
             pred = ts.consistency(x_t, eps_s, t, s, schedule, x0=x0_s)
 
         with torch.no_grad():
             # 6. teacher (adapters off): one DDIM step t -> t' with CFG, cond and uncond batched
             with roles.role("teacher") as unet:
                 if self.guidance.uses_cfg:
-                    out_c, out_u = family.cfg_outputs(unet, x_t, t, c, u, same=drop_host)
+                    out_c, out_u = family.cfg_outputs(unet, x_t, t_in, c, u, same=drop_host)
                     out = cfg_combine(out_c.float(), out_u.float(), append_dims(w, out_c.ndim))
                 else:
-                    out = family.denoise(unet, x_t, t, c).float()
+                    out = family.denoise(unet, x_t, t_in, c).float()
             eps_teacher, x0_teacher = to_eps_x0(out, x_t, a_t, sigma_t, kind)  # linear: CFG commutes
             a_tp, sigma_tp = schedule.a_sigma(t_prev, x0)
             x_tp = ddim_jump(x_t, eps_teacher, a_t, sigma_t, a_tp, sigma_tp, x0=x0_teacher)
 
             # 7. target (EMA LoRA): jump t' -> s
             with roles.role(TARGET) as unet:
-                out = family.denoise(unet, x_tp, t_prev, c).float()
+                out = family.denoise(unet, x_tp, t_prev_in, c).float()
                 eps_tg, x0_tg = to_eps_x0(out, x_tp, a_tp, sigma_tp, kind)
                 target = ts.consistency(x_tp, eps_tg, t_prev, s, schedule, x0=x0_tg)
 
@@ -497,17 +501,25 @@ class TDDModule(AdversarialSteps, L.LightningModule):
         timesteps: Sequence[int] | None = None,
         latents: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """K-step sampling from the training grid's schedule; standard CFG with u as the negative."""
-        unet, family = self.unet, self.family
+        """K-step sampling from the training grid's schedule; standard CFG with u as the negative. With
+        ``guidance=embedded`` a ``cond`` without ``guidance`` gets the strategy's recommended w."""
+        unet, family, schedule = self.unet, self.family, self.schedule
         B = family.batch_size(cond)
         if latents is None:
-            c, size = unet.config.in_channels, unet.config.sample_size
-            latents = torch.randn((B, c, size, size), generator=generator, device=self.device)
+            shape = family.sample_shape(unet, self.model_config.pretrained)
+            latents = torch.randn((B, *shape), generator=generator, device=self.device)
         if timesteps is None:
-            timesteps = k_step_schedule(num_steps, self.target_selection.N, self.schedule.num_train_timesteps)
+            timesteps = k_step_schedule(num_steps, self.target_selection.N, schedule.num_train_timesteps)
+        if self.guidance.embedded and "guidance" not in cond:
+            w = self.guidance.recommended_guidance_scale()
+            cond = {**cond, "guidance": torch.full((B,), w, device=latents.device)}
         u = family.unconditional_like(cond, self.uncond_text)
-        uncond_fn = (lambda x, t: family.denoise(unet, x, t, u)) if guidance_scale != 1.0 else None
-        out_fn = guided(lambda x, t: family.denoise(unet, x, t, cond), uncond_fn, guidance_scale)
+
+        def denoise(x, t, c):
+            return family.denoise(unet, x, schedule.model_time(t, x), c)
+
+        uncond_fn = (lambda x, t: denoise(x, t, u)) if guidance_scale != 1.0 else None
+        out_fn = guided(lambda x, t: denoise(x, t, cond), uncond_fn, guidance_scale)
         with self.roles.role(role):
             return tdd_sample(
                 out_fn,
@@ -517,4 +529,5 @@ class TDDModule(AdversarialSteps, L.LightningModule):
                 eta,
                 generator,
                 prediction_type=self.prediction_type,
+                randn=family.randn_like,
             )

@@ -1,7 +1,8 @@
 """A stock diffusers pipeline of the LoRA's model family with an exported TDD LoRA and the TDDScheduler.
 
 Nothing here is a custom pipeline: the family (``tdd.family`` in the LoRA's metadata; SDXL for files
-without it) picks ``StableDiffusionXLPipeline`` or ``StableDiffusionPipeline``; the base model loads with
+without it) picks ``StableDiffusionXLPipeline``, ``StableDiffusionPipeline`` or ``FluxPipeline`` (with
+``TDDFlowScheduler`` at the shift the LoRA was trained with); the base model loads with
 ``from_pretrained`` (hub id or folder), the LoRA with ``load_lora_weights``, and the scheduler is
 ``TDDScheduler.from_config(pipe.scheduler.config)`` with the trained grid read from the LoRA file's
 metadata. What any diffusers user can do by hand::
@@ -54,17 +55,38 @@ def lora_metadata(lora: str | os.PathLike | None) -> dict[str, Any]:
     return read_metadata(resolve_lora_file(lora)) if lora is not None else {}
 
 
+def flow_shift_keys(noise_schedule: dict[str, Any] | None) -> dict[str, Any]:
+    """The TDDFlowScheduler keys of the shift a flow LoRA was trained with (its ``tdd.noise_schedule``)."""
+    if not noise_schedule:
+        return {}
+    if noise_schedule.get("type") == "static":
+        return {"use_dynamic_shifting": False, "shift": float(noise_schedule["shift"])}
+    keys = ("base_shift", "max_shift", "base_image_seq_len", "max_image_seq_len", "time_shift_type")
+    return {"use_dynamic_shifting": True, **{k: noise_schedule[k] for k in keys if k in noise_schedule}}
+
+
 def tdd_scheduler(scheduler_config: Any, metadata: dict[str, Any] | None = None, **overrides):
-    """``TDDScheduler.from_config`` of the pipeline's noise schedule plus the trained grid from the LoRA."""
-    from tdd_lightning.scheduling_tdd import TDDScheduler  # imports diffusers (~4 s): not for error paths
+    """``TDDScheduler.from_config`` of the pipeline's noise schedule plus the trained grid from the LoRA;
+    ``TDDFlowScheduler`` for a flow model's config (FlowMatchEulerDiscreteScheduler's, or a LoRA whose
+    ``tdd.scheduler`` says so), with the shift the LoRA was trained with."""
+    config = dict(scheduler_config)
+    flow = (metadata or {}).get("scheduler") == "TDDFlowScheduler" or config.get("_class_name") in (
+        "FlowMatchEulerDiscreteScheduler",
+        "TDDFlowScheduler",
+    )
+    if flow:
+        from tdd_lightning.scheduling_tdd_flow import TDDFlowScheduler as TDDScheduler
+    else:
+        from tdd_lightning.scheduling_tdd import TDDScheduler  # imports diffusers (~4 s): not for error paths
 
     # TDDScheduler.from_config keeps the keys it honours, warns by name for the others, and drops the
     # values the config only holds as its class defaults (``_use_default_values``: e.g. DDPM's clip_sample)
-    config = dict(scheduler_config)
     defaults = set(config.pop("_use_default_values", ()))
     config = {k: v for k, v in config.items() if k not in defaults}
     trained = (metadata or {}).get("scheduler_config") or {}
     config.update({k: trained[k] for k in SCHEDULER_KEYS if k in trained})
+    if flow:  # training and inference use the same shift
+        config.update(flow_shift_keys((metadata or {}).get("noise_schedule")))
     config.update(overrides)
     return TDDScheduler.from_config(config)
 

@@ -342,21 +342,26 @@ class TDDScheduler(SchedulerMixin, ConfigMixin):
         return eta
 
     def _validate_timesteps(self, timesteps: Sequence[int] | torch.Tensor) -> list[int]:
-        T = self.config.num_train_timesteps
-        values = torch.as_tensor(timesteps).reshape(-1).tolist()
-        if not values:
-            raise ValueError("custom timesteps must not be empty")
-        if any(float(v) != int(v) for v in values):
-            raise ValueError(f"custom timesteps must be integers, got {values}")
-        ts = [int(v) for v in values]
-        if any(not 0 <= t < T for t in ts):
-            raise ValueError(f"custom timesteps must lie in [0, {T - 1}], got {ts}")
-        if any(a <= b for a, b in zip(ts[:-1], ts[1:], strict=True)):
-            raise ValueError(f"custom timesteps must be strictly descending, got {ts}")
-        off = [t for t in ts if t not in self.trained_timesteps]
-        if off:
-            warnings.warn(
-                f"TDDScheduler: custom timesteps {off} are not in the trained set M u {{{T - 1}}}",
-                stacklevel=3,
-            )
-        return ts
+        return validate_timesteps(timesteps, self.config.num_train_timesteps, self.trained_timesteps)
+
+
+def validate_timesteps(timesteps: Sequence[int] | torch.Tensor, T: int, trained: Sequence[int]) -> list[int]:
+    """Custom timesteps as a list: strictly descending integers in [0, T-1]; a warning names those outside
+    the ``trained`` set (M u {T-1})."""
+    values = torch.as_tensor(timesteps).reshape(-1).tolist()
+    if not values:
+        raise ValueError("custom timesteps must not be empty")
+    if any(float(v) != int(v) for v in values):
+        raise ValueError(f"custom timesteps must be integers, got {values}")
+    ts = [int(v) for v in values]
+    if any(not 0 <= t < T for t in ts):
+        raise ValueError(f"custom timesteps must lie in [0, {T - 1}], got {ts}")
+    if any(a <= b for a, b in zip(ts[:-1], ts[1:], strict=True)):
+        raise ValueError(f"custom timesteps must be strictly descending, got {ts}")
+    off = [t for t in ts if t not in trained]
+    if off:
+        warnings.warn(
+            f"TDDScheduler: custom timesteps {off} are not in the trained set M u {{{T - 1}}}",
+            stacklevel=4,
+        )
+    return ts

@@ -32,6 +32,14 @@ def tiny_sd15_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_flux_dev_dir(tmp_path_factory):
+    """A tiny random FLUX.1-dev-shaped pipeline (guidance-distilled) written with save_pretrained."""
+    from tdd_lightning.models.families.flux import build_tiny_flux_dev
+
+    return build_tiny_flux_dev(tmp_path_factory.mktemp("tiny-flux-dev"))
+
+
+@pytest.fixture(scope="session")
 def tiny_components(tiny_sdxl_dir):
     from tdd_lightning.models import load_sdxl_components
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from tdd_lightning.data.synthetic import SyntheticDataModule
-from tdd_lightning.diffusion import renoise
+from tdd_lightning.diffusion import renoise_coefficients
 from tdd_lightning.errors import ConfigError, UserError
 from tdd_lightning.export import export_lora
 from tdd_lightning.models import load_sdxl_components
@@ -40,11 +40,15 @@ from tests.test_robustness import start, wait_for
 
 # ---- the maths, by hand -------------------------------------------------------------------------------
 def test_renoise_by_hand():
-    # r = 0.2 / 0.8 = 0.25: x_t = 0.5 * 2 + sqrt(0.75) * 1
-    x_t = renoise(torch.tensor([2.0]), torch.tensor([1.0]), torch.tensor([0.2 / 0.8]))
-    assert x_t.item() == pytest.approx(1.0 + 0.75**0.5, abs=1e-7)
-    x_s = torch.randn(3)
-    assert torch.equal(renoise(x_s, torch.randn(3), torch.ones(3)), x_s)  # t = s: unchanged
+    # VP, abar_t = 0.2, abar_s = 0.8: scale = sqrt(0.2 / 0.8) = 0.5, std = sqrt(0.8 - 0.25 * 0.2) = sqrt(0.75)
+    a_t, sigma_t, a_s, sigma_s = (torch.tensor([v]).sqrt() for v in (0.2, 0.8, 0.8, 0.2))
+    scale, std = renoise_coefficients(a_t, sigma_t, a_s, sigma_s)
+    assert (scale * 2.0 + std * 1.0).item() == pytest.approx(1.0 + 0.75**0.5, abs=1e-6)
+    # flow, sigma_t = 0.6, sigma_s = 0.2: scale = 0.4 / 0.8 = 0.5, std = sqrt(0.36 - 0.01)
+    scale, std = renoise_coefficients(*(torch.tensor([v]) for v in (0.4, 0.6, 0.8, 0.2)))
+    assert scale.item() == pytest.approx(0.5) and std.item() == pytest.approx(0.35**0.5)
+    scale, std = renoise_coefficients(a_s, sigma_s, a_s, sigma_s)  # t = s: unchanged
+    assert scale.item() == pytest.approx(1.0) and std.item() == pytest.approx(0.0, abs=1e-3)
 
 
 def test_t_gan_window_by_hand():

@@ -17,7 +17,7 @@ LAYERS: list[set[str]] = [
     {"strategies", "models"},  # the method's swappable parts; model loading, families, LoRA roles
     {"data"},  # webdataset shards, preprocessing, offline encode
     # the LightningModule (and its adversarial step) and its glue
-    {"module", "adversarial", "scheduling_tdd", "export", "pipelines", "training"},
+    {"module", "adversarial", "scheduling_tdd", "scheduling_tdd_flow", "export", "pipelines", "training"},
     {"toy", "bench", "sample"},  # tools built on everything: toy benchmark, performance bench, sampler
 ]
 

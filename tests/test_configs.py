@@ -73,9 +73,12 @@ def test_unknown_option_names_the_group(tmp_path):
 
 
 @pytest.mark.parametrize("experiment", group_options("experiment"))
-def test_every_experiment_smoke_runs(experiment, tmp_path, tiny_overrides, tiny_sd15_dir):
+def test_every_experiment_smoke_runs(experiment, tmp_path, tiny_overrides, tiny_sd15_dir, request):
     if experiment.startswith("sd15"):  # an SD1.5-family recipe: the tiny SD1.5 pipeline
         tiny_overrides = [f"model.pretrained={tiny_sd15_dir}", "model.build_if_missing=false"]
+    if experiment.startswith("flux"):  # a FLUX recipe: the tiny guidance-distilled FLUX pipeline
+        flux_dir = request.getfixturevalue("tiny_flux_dev_dir")
+        tiny_overrides = [f"model.pretrained={flux_dir}", "model.build_if_missing=false", "model.lora.rank=4"]
     overrides = [
         f"experiment={experiment}", *tiny_overrides, "model.base_dtype=fp32",
         "model.gradient_checkpointing=false",

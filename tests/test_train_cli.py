@@ -25,7 +25,7 @@ def run_train(args, tmp_path, timeout=300):
     )  # fmt: skip
 
 
-@pytest.mark.parametrize("experiment", ["sdxl_tdd", "sd15_tdd"])
+@pytest.mark.parametrize("experiment", ["sdxl_tdd", "sd15_tdd", "flux_tdd"])
 def test_hub_recipes_fail_fast_offline_with_one_line(experiment, tmp_path):
     start = time.monotonic()
     r = run_train([f"experiment={experiment}"], tmp_path, timeout=60)

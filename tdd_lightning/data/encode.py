@@ -5,10 +5,11 @@
 
 Each input shard gives one output shard of the same name (with ``--buckets``, one per bucket it has
 samples of, in the bucket's folder ``<h>x<w>/``). Each sample holds ``<key>.safetensors`` (``latents``
-fp16, already times ``vae.config.scaling_factor``; the family's text tensors in ``--embeds-dtype``, its
-other condition tensors float32: SDXL prompt embeddings, pooled embeddings and the six time ids, SD1.5
-the prompt embeddings) and ``<key>.txt`` (the caption). LAION-style filters (``--min-size
---min-aesthetic --max-watermark --max-nsfw --filter``) are counted per reason. The out folder also gets
+fp16, already (z - ``vae.config.shift_factor``, FLUX's) times ``vae.config.scaling_factor``; the family's
+text tensors in ``--embeds-dtype``, its other condition tensors float32: SDXL prompt embeddings, pooled
+embeddings and the six time ids, SD1.5 the prompt embeddings) and ``<key>.txt`` (the caption).
+LAION-style filters (``--min-size --min-aesthetic --max-watermark --max-nsfw --filter``) are counted per
+reason. The out folder also gets
 ``uncond.safetensors`` (the encoded empty prompt "", float32) and ``meta.json`` (the family, the tensor
 names and shapes, settings and counts). Crop and flip are drawn once here and frozen in the cache (the
 geometry the family conditions on records them). Training with ``data.mode=cached`` then never loads
@@ -255,6 +256,7 @@ def encode_shards(
             "sample_latents": sample_latents,
             "seed": seed,
             "scaling_factor": encoder.vae.config.scaling_factor,
+            "shift_factor": getattr(encoder.vae.config, "shift_factor", None),  # FLUX: (z - shift) * scale
             "latent_shape": None if buckets else next(iter(shapes.values())),
             "text_shapes": {k: list(v.shape) for k, v in uncond.items()},
             "latents_dtype": "float16",

@@ -7,7 +7,6 @@ configs; the family's other condition parts are those of an uncropped square ima
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import lightning as L
@@ -76,12 +75,11 @@ class SyntheticDataModule(L.LightningDataModule):
         self.uncond = None
 
     def setup(self, stage: str | None = None) -> None:
-        if not Path(self.pretrained, "unet").is_dir():
+        if not Path(self.pretrained, self.family.denoiser_subfolder).is_dir():
             raise FileNotFoundError(f"data.pretrained={self.pretrained} is not a diffusers model folder")
-        unet_cfg = json.loads((Path(self.pretrained) / "unet" / "config.json").read_text())
-        size = self.latent_size or unet_cfg["sample_size"]
+        channels, h, w = self.family.latent_shape_of(self.pretrained)
         text_shapes = self.family.text_shapes(self.pretrained)
-        shape = (unet_cfg["in_channels"], size, size)
+        shape = (channels, self.latent_size or h, self.latent_size or w)
         self.dataset = synthetic_latents(self.family, self.num_samples, shape, text_shapes, self.seed)
         g = torch.Generator().manual_seed(self.seed + 1)
         self.uncond = {k: torch.randn(*size, generator=g) for k, size in text_shapes.items()}

@@ -1,6 +1,8 @@
 """Pure tensor maths of diffusion and TDD (no Lightning, no Hydra): noise schedule, grids and inference
-timestep schedules, DDIM jump, CFG, losses, the few-step sampler. See docs/ALGORITHM.md."""
+timestep schedules, DDIM jump, CFG, losses, the few-step sampler; the rectified-flow process. See
+docs/ALGORITHM.md."""
 
+from tdd_lightning.diffusion.flow import FlowSchedule, calculate_shift, renoise_coefficients
 from tdd_lightning.diffusion.grids import k_step_schedule, target_set, teacher_grid
 from tdd_lightning.diffusion.losses import LOSSES, l2_loss, pseudo_huber_loss
 from tdd_lightning.diffusion.ops import (
@@ -11,10 +13,15 @@ from tdd_lightning.diffusion.ops import (
     ddim_jump,
     eps_to_x0,
     lcm_consistency,
-    renoise,
     x0_to_eps,
 )
-from tdd_lightning.diffusion.prediction import PREDICTION_TYPES, check_prediction_type, to_eps_x0
+from tdd_lightning.diffusion.prediction import (
+    ALL_PREDICTION_TYPES,
+    FLOW_PREDICTION,
+    PREDICTION_TYPES,
+    check_prediction_type,
+    to_eps_x0,
+)
 from tdd_lightning.diffusion.schedule import NoiseSchedule, alphas_cumprod_from_config, unhonoured_keys
 from tdd_lightning.diffusion.timesteps import (
     SCHEDULES,
@@ -24,6 +31,9 @@ from tdd_lightning.diffusion.timesteps import (
 )
 
 __all__ = [
+    "ALL_PREDICTION_TYPES",
+    "FLOW_PREDICTION",
+    "FlowSchedule",
     "LOSSES",
     "NoiseSchedule",
     "PREDICTION_TYPES",
@@ -32,6 +42,7 @@ __all__ = [
     "alphas_cumprod_from_config",
     "append_dims",
     "boundary_scalings",
+    "calculate_shift",
     "cfg_combine",
     "check_prediction_type",
     "ddim_jump",
@@ -41,7 +52,7 @@ __all__ = [
     "lcm_consistency",
     "nonequidistant_schedule",
     "pseudo_huber_loss",
-    "renoise",
+    "renoise_coefficients",
     "target_set",
     "tdd_timesteps",
     "teacher_grid",

@@ -74,14 +74,6 @@ def lcm_consistency(
     return c_skip * x_t + c_out * x0
 
 
-def renoise(x_s: torch.Tensor, z: torch.Tensor, ratio: torch.Tensor) -> torch.Tensor:
-    """The forward process from time s on to t >= s: x_t = sqrt(r) x_s + sqrt(1 - r) z, r = abar_t / abar_s.
-
-    The eta re-noising of TDD sampling (ALGORITHM.md 4) and the adversarial term's move from s to t_gan
-    (section 7); r = 1 (t = s) returns x_s."""
-    return ratio.sqrt() * x_s + (1 - ratio).sqrt() * z
-
-
 def cfg_combine(cond: torch.Tensor, uncond: torch.Tensor, w: torch.Tensor | float) -> torch.Tensor:
     """Classifier-free guidance in the LCM form: cond + w (cond - uncond). w = 0 gives cond.
 

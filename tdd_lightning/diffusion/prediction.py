@@ -6,6 +6,9 @@ A diffusers UNet predicts one of three things, named by its scheduler config's `
 pair (eps, x0); DDIM jumps and the consistency parameterisations then work on that pair unchanged.
 With v: x0 = a_t x_t - sigma_t v and eps = sigma_t x_t + a_t v, which stay defined at zero terminal SNR
 (a_T = 0), where eps prediction cannot give x0 (``check_prediction_type``).
+
+A rectified-flow model (``flow``: FLUX, SD3) predicts the velocity v = eps - x0 of x_t = a_t x0 + sigma_t eps
+with a_t = 1 - sigma_t (``diffusion.flow``): x0 = x_t - sigma_t v and eps = x_t + a_t v (ALGORITHM.md 8.1).
 """
 
 from __future__ import annotations
@@ -14,7 +17,9 @@ import torch
 
 from tdd_lightning.diffusion.ops import eps_to_x0, x0_to_eps
 
-PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")  # of a VP (DDPM-schedule) model
+FLOW_PREDICTION = "flow"  # a rectified-flow model's velocity, with a FlowSchedule
+ALL_PREDICTION_TYPES = (*PREDICTION_TYPES, FLOW_PREDICTION)
 
 
 def to_eps_x0(
@@ -27,14 +32,16 @@ def to_eps_x0(
         return sigma_t * x_t + a_t * output, a_t * x_t - sigma_t * output
     if prediction_type == "sample":
         return x0_to_eps(x_t, output, a_t, sigma_t), output
-    raise ValueError(f"prediction_type={prediction_type!r} is not one of {PREDICTION_TYPES}")
+    if prediction_type == FLOW_PREDICTION:  # a_t = 1 - sigma_t
+        return x_t + a_t * output, x_t - sigma_t * output
+    raise ValueError(f"prediction_type={prediction_type!r} is not one of {ALL_PREDICTION_TYPES}")
 
 
 def check_prediction_type(prediction_type: str, terminal_abar: float) -> None:
     """ValueError for an unknown type, or for eps prediction on a zero-terminal-SNR schedule (abar_T = 0:
     x0 = (x_T - sigma_T eps) / a_T is undefined at the first sampling step and at training's t = T-1)."""
-    if prediction_type not in PREDICTION_TYPES:
-        raise ValueError(f"prediction_type={prediction_type!r} is not one of {PREDICTION_TYPES}")
+    if prediction_type not in ALL_PREDICTION_TYPES:
+        raise ValueError(f"prediction_type={prediction_type!r} is not one of {ALL_PREDICTION_TYPES}")
     if prediction_type == "epsilon" and terminal_abar <= 0.0:
         raise ValueError(
             "prediction_type='epsilon' with a zero-terminal-SNR schedule (rescale_betas_zero_snr: abar at "

@@ -1,8 +1,9 @@
 """Few-step sampling with a distilled model: DDIM jumps on a schedule, with eta (gamma) re-noising.
 
-The reference the TDDScheduler is tested against (ALGORITHM.md section 4): at step i predict x0_hat at
-t_i, jump to s_{i+1} = floor((1 - eta) t_{i+1}); if eta > 0 re-noise from s_{i+1} to t_{i+1}. The
-last step returns x0_hat. Guidance, if any, is standard CFG: eps_u + g (eps_c - eps_u).
+The reference the TDDScheduler (and TDDFlowScheduler) is tested against (ALGORITHM.md sections 4 and 8):
+at step i predict x0_hat at t_i, jump to s_{i+1} = floor((1 - eta) t_{i+1}); if eta > 0 re-noise from
+s_{i+1} to t_{i+1}. The last step returns x0_hat. Guidance, if any, is standard CFG:
+eps_u + g (eps_c - eps_u).
 """
 
 from __future__ import annotations
@@ -11,25 +12,31 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from tdd_lightning.diffusion.ops import ddim_jump, renoise
+from tdd_lightning.diffusion.flow import FlowSchedule
+from tdd_lightning.diffusion.ops import ddim_jump
 from tdd_lightning.diffusion.prediction import to_eps_x0
 from tdd_lightning.diffusion.schedule import NoiseSchedule
 
 EpsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+NoiseFn = Callable[[torch.Tensor, torch.Generator | None], torch.Tensor]
 
 
 def tdd_sample(
     eps_fn: EpsFn,
     x_T: torch.Tensor,
     timesteps: Sequence[int],
-    schedule: NoiseSchedule,
+    schedule: NoiseSchedule | FlowSchedule,
     eta: float = 0.0,
     generator: torch.Generator | None = None,
     prediction_type: str = "epsilon",
+    randn: NoiseFn | None = None,
 ) -> torch.Tensor:
     """Run the K steps of ``timesteps`` (descending) from noise ``x_T``; returns x0_hat.
 
-    ``eps_fn`` returns the model output, of ``prediction_type`` (converted once per step to eps, x0)."""
+    ``eps_fn`` returns the model output, of ``prediction_type`` (converted once per step to eps, x0).
+    ``schedule``: a ``NoiseSchedule`` or a ``FlowSchedule`` (the same interface). ``randn(x, generator)``
+    draws the re-noising noise (None: ``gaussian_like``; a flow family draws it in its packed token layout,
+    as its pipeline's scheduler sees the latents)."""
     x = x_T
     B = x.shape[0]
     for i, t_i in enumerate(timesteps):
@@ -44,11 +51,14 @@ def tdd_sample(
         a_s, sigma_s = schedule.a_sigma(s, x)
         x = ddim_jump(x, eps, a_t, sigma_t, a_s, sigma_s, x0=x0)
         if eta > 0 and s_next < t_next:
-            abar_t = schedule.alphas_cumprod[t_next]
-            ratio = (abar_t / schedule.alphas_cumprod[s_next]).to(x.dtype)
-            z = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-            x = renoise(x, z, ratio)
+            z = randn(x, generator) if randn is not None else gaussian_like(x, generator)
+            x = schedule.renoise(x, t_next, s_next, z)
     return x
+
+
+def gaussian_like(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """Standard normal noise of x's shape, device and dtype (the re-noising draw)."""
+    return torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
 
 
 def guided(eps_fn_cond: EpsFn, eps_fn_uncond: EpsFn | None, guidance_scale: float) -> EpsFn:

@@ -133,3 +133,13 @@ class NoiseSchedule(torch.nn.Module):
         a = append_dims(self.a[t].to(like.device, like.dtype), like.ndim)
         sigma = append_dims(self.sigma[t].to(like.device, like.dtype), like.ndim)
         return a, sigma
+
+    def renoise(self, x: torch.Tensor, t: int, s: int, z: torch.Tensor) -> torch.Tensor:
+        """x at s re-noised to the noisier t with noise z:
+        sqrt(abar_t / abar_s) x + sqrt(1 - abar_t / abar_s) z (the ratio in float64, applied in x's dtype)."""
+        ratio = (self.alphas_cumprod[t] / self.alphas_cumprod[s]).to(x.dtype)
+        return ratio.sqrt() * x + (1 - ratio).sqrt() * z
+
+    def model_time(self, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """The timestep the denoiser is given for t: the integer timestep itself (a UNet's)."""
+        return t

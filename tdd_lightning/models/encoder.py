@@ -3,7 +3,8 @@
 ``Encoder`` holds the VAE and the family; each family's subclass adds its text encoders and
 ``encode_captions``. ``forward`` turns a raw batch (``pixels``, ``caption``, ``original_size``,
 ``crop_top_left``) into a cached-format one: ``latents`` plus the family's condition tensors. Latents are
-``vae.encode(x).latent_dist`` mode (or a sample) times ``vae.config.scaling_factor``.
+``vae.encode(x).latent_dist`` mode (or a sample) minus ``vae.config.shift_factor`` (FLUX's VAE; none for
+SD's), times ``vae.config.scaling_factor``; ``decode_latents`` inverts that.
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ class Encoder(torch.nn.Module):
         """
         dist = self.vae.encode(pixels.to(self.device, self.vae.dtype)).latent_dist
         latents = dist.sample(generator) if sample else dist.mode()
-        return latents.float() * self.vae.config.scaling_factor
+        return (latents.float() - shift_factor(self.vae)) * self.vae.config.scaling_factor
 
     @torch.no_grad()
     def forward(self, batch: dict, sample: bool = False, generator: torch.Generator | None = None) -> dict:
@@ -63,6 +64,17 @@ class Encoder(torch.nn.Module):
         if "key" in batch:
             out["key"] = batch["key"]
         return out
+
+
+def shift_factor(vae) -> float:
+    """The VAE's latent offset (FLUX: 0.1159; 0 for a VAE without one, SD's)."""
+    return float(getattr(vae.config, "shift_factor", None) or 0.0)
+
+
+def decode_latents(vae, latents: torch.Tensor) -> torch.Tensor:
+    """Model latents -> pixels in about [-1, 1]: decode(latents / scaling_factor + shift_factor)."""
+    z = latents.to(vae.dtype) / vae.config.scaling_factor + shift_factor(vae)
+    return vae.decode(z).sample
 
 
 def tokenize(tokenizer, captions: Sequence[str]) -> torch.Tensor:

@@ -15,7 +15,16 @@ from urllib.parse import urlparse
 from tdd_lightning.errors import UserError
 
 # what a download fetches: every family's component folders (a family without one simply has none)
-SUBFOLDERS = ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")
+SUBFOLDERS = (
+    "unet",
+    "transformer",
+    "vae",
+    "text_encoder",
+    "text_encoder_2",
+    "tokenizer",
+    "tokenizer_2",
+    "scheduler",
+)
 
 
 class ModelNotFoundError(UserError):
@@ -43,11 +52,16 @@ def is_hub_id(pretrained: str | os.PathLike) -> bool:
     return not (Path(text).is_absolute() or text.startswith((".", "~")) or text.count("/") != 1)
 
 
-def resolve_model_path(pretrained: str | os.PathLike, revision: str | None = None) -> Path:
-    """A local folder holding the pipeline: the path itself, the hub cache, or a fresh download."""
+def resolve_model_path(
+    pretrained: str | os.PathLike,
+    revision: str | None = None,
+    required: tuple[str, ...] = ("unet", "scheduler"),
+) -> Path:
+    """A local folder holding the pipeline: the path itself, the hub cache, or a fresh download.
+    ``required``: the subfolders a local folder must have (a flow family: transformer/, not unet/)."""
     path = Path(os.path.expanduser(str(pretrained)))
     if path.is_dir():
-        missing = [s for s in ("unet", "scheduler") if not (path / s).is_dir()]
+        missing = [s for s in required if not (path / s).is_dir()]
         if missing:
             raise ModelNotFoundError(
                 f"{path} is not a diffusers model folder (missing {', '.join(missing)}/)"

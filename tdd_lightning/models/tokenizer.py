@@ -85,3 +85,32 @@ def make_clip_tokenizer(words: Iterable[str] = (), model_max_length: int = 77):
         pad_token=EOS,
         unk_token=EOS,
     )
+
+
+T5_PAD, T5_EOS, T5_UNK, T5_SPACE = "<pad>", "</s>", "<unk>", "\u2581"
+
+
+def t5_unigram_vocab(words: Iterable[str] = ()) -> list[tuple[str, float]]:
+    """A T5-shaped Unigram vocabulary: ``<pad>`` 0, ``</s>`` 1, ``<unk>`` 2, then one piece per word
+    (``"\u2581word"``, so each word is one token), then the printable ASCII characters as a fallback
+    (a word outside ``words`` splits into characters; a non-ASCII character becomes ``<unk>``)."""
+    vocab = [(T5_PAD, 0.0), (T5_EOS, 0.0), (T5_UNK, 0.0), (T5_SPACE, -2.0)]
+    seen = {p for p, _ in vocab}
+    for word in sorted({w.lower() for w in words}):
+        if T5_SPACE + word not in seen:
+            vocab.append((T5_SPACE + word, -1.0))
+            seen.add(T5_SPACE + word)
+    for c in map(chr, range(ord("!"), ord("~") + 1)):
+        if c not in seen:
+            vocab.append((c, -10.0))
+    return vocab
+
+
+def make_t5_tokenizer(words: Iterable[str] = (), model_max_length: int = 32):
+    """A ``T5Tokenizer`` (fast, Unigram) over a hand-made vocabulary: no BOS, ``</s>`` appended, pad id 0,
+    lower-cased input is the caller's job (the toy's captions are lower case). ``model_max_length``
+    records the text length the tiny FLUX teacher is trained and sampled with (FluxPipeline's
+    ``max_sequence_length``: T5 runs without a padding mask, so the length changes the embeddings)."""
+    from transformers import T5Tokenizer
+
+    return T5Tokenizer(vocab=t5_unigram_vocab(words), extra_ids=0, model_max_length=model_max_length)

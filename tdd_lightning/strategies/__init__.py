@@ -5,6 +5,7 @@ from tdd_lightning.strategies.adversarial import Adversarial, HingeAdversarial, 
 from tdd_lightning.strategies.base import ConfigError
 from tdd_lightning.strategies.guidance import (
     DecoupledGuidance,
+    EmbeddedGuidance,
     Guidance,
     GuidanceDraw,
     LCMRangeGuidance,
@@ -31,6 +32,7 @@ __all__ = [
     "ConfigError",
     "DecoupledGuidance",
     "DistillationLoss",
+    "EmbeddedGuidance",
     "Guidance",
     "GuidanceDraw",
     "HingeAdversarial",

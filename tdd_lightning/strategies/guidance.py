@@ -26,13 +26,14 @@ def finite(value) -> bool:
 @dataclass
 class GuidanceDraw:
     drop: torch.Tensor  # bool [B]: condition replaced by the unconditional one
-    w: torch.Tensor  # float [B]: teacher CFG scale in the LCM form (w = 0: no guidance)
+    w: torch.Tensor  # float [B]: teacher CFG scale in the LCM form (w = 0: no guidance); embedded: the value
 
 
 class Guidance:
     """Base class: validates the shared knobs."""
 
     name = "base"
+    embedded = False  # True: w is the denoiser's guidance input (EmbeddedGuidance), not a CFG scale
 
     def __init__(self, p_empty: float = 0.0, uncond: str = "zeros"):
         check(finite(p_empty) and 0.0 <= p_empty <= 1.0, "p_empty", p_empty, "must lie in [0, 1]")
@@ -94,6 +95,35 @@ class LCMRangeGuidance(DecoupledGuidance):
 
     def __init__(self, p_empty: float = 0.0, w_min: float = 3.0, w_max: float = 15.0, uncond: str = "zeros"):
         super().__init__(p_empty=p_empty, w=None, w_min=w_min, w_max=w_max, uncond=uncond)
+
+
+class EmbeddedGuidance(DecoupledGuidance):
+    """Guidance-distilled teachers (FLUX.1-dev): no unconditional branch; w is the transformer's guidance
+    input (ALGORITHM.md section 8.4). The teacher runs once with guidance w, and the student and target get
+    the same w as their own guidance input, so w stays a knob at inference (the pipeline's guidance_scale):
+    the flow analogue of decoupled guidance. w fixed, or w ~ U[w_min, w_max] per sample; caption dropout
+    p_empty replaces the condition by u (the encoded "") for all three, as for decoupled guidance."""
+
+    name = "embedded"
+    embedded = True
+
+    def __init__(
+        self,
+        p_empty: float = 0.0,
+        w: float | None = 3.5,
+        w_min: float | None = None,
+        w_max: float | None = None,
+        uncond: str = "empty_prompt",
+    ):
+        super().__init__(p_empty=p_empty, w=w, w_min=w_min, w_max=w_max, uncond=uncond)
+
+    @property
+    def uses_cfg(self) -> bool:
+        return False
+
+    def recommended_guidance_scale(self) -> float:
+        """The guidance value to sample with: the trained w, or the middle of its range."""
+        return (self.w_min + self.w_max) / 2
 
 
 class NoGuidance(Guidance):

@@ -64,3 +64,18 @@ def adamw8bit(**kwargs: Any) -> Callable[..., torch.optim.Optimizer]:
             "pip install bitsandbytes (CUDA machines), or use optimizer=adamw"
         ) from None
     return functools.partial(AdamW8bit, **kwargs)
+
+
+def adamw8bit_if_available(**kwargs: Any) -> Callable[..., torch.optim.Optimizer]:
+    """bitsandbytes' AdamW8bit when it imports (CUDA machines), else torch's AdamW with the same kwargs
+    (``optimizer=adamw8bit_auto``, the FLUX recipe's): a CPU or bitsandbytes-less run still starts, and
+    says which one it got."""
+    import logging
+
+    try:
+        factory = adamw8bit(**kwargs)
+    except ValueError as e:
+        logging.getLogger(__name__).warning("optimizer: %s; using torch.optim.AdamW", str(e).split(":")[0])
+        return functools.partial(torch.optim.AdamW, **kwargs)
+    logging.getLogger(__name__).info("optimizer: bitsandbytes AdamW8bit")
+    return factory

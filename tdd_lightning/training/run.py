@@ -25,6 +25,7 @@ from tdd_lightning.checkpoint_io import (
 )
 from tdd_lightning.errors import ConfigError, UserError
 from tdd_lightning.models.config import ModelConfig
+from tdd_lightning.models.families import get_family
 from tdd_lightning.models.loading import ModelNotFoundError, is_hub_id, resolve_model_path
 from tdd_lightning.module import TDDModule
 from tdd_lightning.training.building import build, build_strategies, check_cheap
@@ -53,20 +54,25 @@ def prepare_model(model_cfg: DictConfig, owned: list[str | None] = ()) -> None:
     spelled like a hub id (``org/name``), which would later shadow the real model.
     """
     path = Path(str(model_cfg.pretrained)).expanduser()
-    if model_cfg.get("build_if_missing") and not (path / "unet").is_dir():
-        check_can_build_into(model_cfg, path, owned)
+    denoiser = get_family(model_cfg.get("family")).denoiser_subfolder  # unet/ (transformer/ for FLUX)
+    if model_cfg.get("build_if_missing") and not (path / denoiser).is_dir():
+        check_can_build_into(model_cfg, path, owned, denoiser)
         from tdd_lightning.training.distributed import import_class
 
         log.info("building %s into %s", model_cfg.builder, path)
         import_class(model_cfg.builder)(path)
         (path / BUILT_MARKER).write_text(f"{model_cfg.builder}\n")
     try:
-        resolve_model_path(str(model_cfg.pretrained), model_cfg.get("revision"))
+        resolve_model_path(
+            str(model_cfg.pretrained), model_cfg.get("revision"), required=(denoiser, "scheduler")
+        )
     except ModelNotFoundError as e:
         raise UserError(f"model.pretrained: {e}") from None
 
 
-def check_can_build_into(model_cfg: DictConfig, path: Path, owned: list[str | None]) -> None:
+def check_can_build_into(
+    model_cfg: DictConfig, path: Path, owned: list[str | None], denoiser: str = "unet"
+) -> None:
     if not model_cfg.get("builder"):
         raise UserError("model.build_if_missing=true needs model.builder (a function that writes the folder)")
     where = f"model.pretrained={model_cfg.pretrained}"
@@ -79,7 +85,7 @@ def check_can_build_into(model_cfg: DictConfig, path: Path, owned: list[str | No
     inside = any(path.resolve().is_relative_to(r) for r in roots)
     if path.is_dir() and any(path.iterdir()) and not (path / BUILT_MARKER).exists():
         raise UserError(
-            f"{where} holds files but no unet/: refusing to build a random model into it (it would "
+            f"{where} holds files but no {denoiser}/: refusing to build a random model into it (it would "
             "overwrite them); give a complete diffusers folder, or model.build_if_missing=false"
         )
     if not path.exists() and not inside:

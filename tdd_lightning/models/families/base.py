@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from tdd_lightning.diffusion import NoiseSchedule
+from tdd_lightning.diffusion import NoiseSchedule, unhonoured_keys
 from tdd_lightning.errors import ConfigError, UserError
 from tdd_lightning.models import conditioning
 from tdd_lightning.models.conditioning import Cond
@@ -47,6 +47,9 @@ class ModelFamily:
 
     name = "base"
     pipeline_class = ""  # the diffusers pipeline class name (sampling and export)
+    denoiser_subfolder = "unet"  # the model folder's denoiser (a flow family: "transformer")
+    lora_prefix = "unet"  # the key prefix of the pipeline's LoRA files (``load_lora_weights``)
+    scheduler_class = "TDDScheduler"  # the TDD sampler of the family's noise process (pipelines.py)
     text_keys: tuple[str, ...] = ()  # condition parts the unconditional condition replaces
     cond_keys: tuple[str, ...] = ()  # every condition tensor of a batch / cached shard (text first)
     lora_targets: tuple[str, ...] = LORA_TARGETS
@@ -90,14 +93,47 @@ class ModelFamily:
                 f"{self.addition_embed_type!r}, this one has {added!r}{hint}"
             )
 
+    def check_guidance(self, unet_config: Mapping, embedded: bool) -> None:
+        """UserError when the guidance strategy cannot drive this denoiser (``embedded``: the strategy gives
+        w as the denoiser's guidance input, which only a guidance-distilled flow transformer has)."""
+        if embedded:
+            raise UserError(
+                f"guidance=embedded needs a guidance-distilled transformer (model.family=flux with "
+                f"guidance_embeds); model.family={self.name} has no guidance input: use guidance=decoupled"
+            )
+
     def text_shapes(self, pretrained: str | os.PathLike) -> dict[str, tuple[int, ...]]:
         """The per-sample shape of each text part, read from the folder's configs (no weights)."""
         raise NotImplementedError
+
+    def latent_shape_of(self, pretrained: str | os.PathLike) -> tuple[int, int, int]:
+        """(C, h, w) of the model's latents, read from the folder's configs (no weights)."""
+        import json
+
+        config = json.loads((Path(pretrained) / self.denoiser_subfolder / "config.json").read_text())
+        return int(config["in_channels"]), int(config["sample_size"]), int(config["sample_size"])
+
+    def sample_shape(self, unet, pretrained: str | os.PathLike | None = None) -> tuple[int, int, int]:
+        """(C, h, w) of the latents to sample when none are given (the UNet's own sample size)."""
+        return int(unet.config.in_channels), int(unet.config.sample_size), int(unet.config.sample_size)
+
+    def fsdp_blocks(self, unet) -> list[torch.nn.Module]:
+        """The denoiser's blocks FSDP2 shards one by one (a UNet: down, mid and up blocks)."""
+        return [b for b in (*unet.down_blocks, unet.mid_block, *unet.up_blocks) if b is not None]
+
+    def randn_like(self, x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        """Standard normal noise like ``x`` (the sampler's re-noising draw, in the pipeline's layout)."""
+        return torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
 
     # ---- the noise process --------------------------------------------------------------------------
     def noise_schedule(self, scheduler_config: Mapping) -> NoiseSchedule:
         """a_t, sigma_t of the model's scheduler config (a flow-matching family overrides this)."""
         return NoiseSchedule.from_config(scheduler_config)
+
+    def unhonoured_scheduler_keys(self, scheduler_config: Mapping, known) -> list[str]:
+        """One message per key of the model's scheduler config that training cannot honour (``known``: the
+        keys the caller reads)."""
+        return unhonoured_keys(scheduler_config, known)
 
     def prediction_type(self, scheduler_config: Mapping) -> str:
         """What the denoiser predicts (``diffusion.PREDICTION_TYPES``): the scheduler config's."""
@@ -137,7 +173,8 @@ class ModelFamily:
         return conditioning.unconditional_like(cond, uncond_text, self.text_keys)
 
     def denoise(self, unet, x: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
-        """The UNet's raw output (of the scheduler config's prediction type) for condition ``cond``."""
+        """The UNet's raw output (of the scheduler config's prediction type) for condition ``cond``; ``t`` is
+        the schedule's ``model_time`` (a UNet's integer timestep; a flow transformer's sigma * T)."""
         raise NotImplementedError
 
     def cfg_outputs(self, unet, x_t, t, cond: Cond, uncond: Cond, same: torch.Tensor | None):
@@ -156,6 +193,11 @@ class ModelFamily:
         if unet.mid_block is not None:
             sites.append(FeatureSite("mid_block", unet.mid_block, widths[-1]))
         return select_sites(self, sites, names)
+
+    def kohya_state_dict(self, tensors: Mapping[str, torch.Tensor], alpha: float) -> dict | None:
+        """The family's own kohya / ComfyUI key layout of a peft state dict; None: the default
+        ``lora_unet_<module path>`` layout (``export.kohya_state_dict``)."""
+        return None
 
     def batch_size(self, cond: Cond) -> int:
         return next(iter(cond.values())).shape[0]

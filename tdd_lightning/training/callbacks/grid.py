@@ -14,6 +14,7 @@ import lightning as L
 import torch
 
 from tdd_lightning.errors import check, check_int, check_ints, check_number
+from tdd_lightning.models.encoder import decode_latents
 from tdd_lightning.plotting import label_grid
 
 
@@ -56,7 +57,7 @@ class SampleGrid(L.Callback):
         parts = family.load(pl_module.model_cfg["pretrained"], load_vae=True, load_text_encoders=True)
         text = family.encoder(parts).encode_captions(self.prompts)
         scale = 2 ** (len(parts.vae.config.block_out_channels) - 1)
-        size = pl_module.unet.config.sample_size * scale
+        size = family.sample_shape(pl_module.unet, pl_module.model_cfg["pretrained"])[-1] * scale
         self.cond = family.condition(text, family.square_geometry(size, len(self.prompts)))
         self.vae = parts.vae
 
@@ -86,7 +87,7 @@ class SampleGrid(L.Callback):
                 generator=g,
                 role=self.role,
             )
-            images = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor).sample
+            images = decode_latents(vae, latents)
             columns.append((images.float().clamp(-1, 1) + 1) / 2)
         if not trainer.is_global_zero:
             return None
