@@ -147,7 +147,8 @@ def test_round_trip_in_a_stock_pipeline(trained, tiny_sdxl_dir, role):
     ours = module_latents(module, cond, 0, x_T.clone(), num_steps=4, eta=0.0, role=role)
     theirs = pipeline_latents(pipe, 0, x_T.clone(), num_inference_steps=4, eta=0.0, guidance_scale=1.0)
     assert scaled_error(theirs, ours) < 1e-6
-    torch.testing.assert_close(theirs, ours, rtol=1e-5, atol=1e-5)
+    # elementwise too, with float32 rounding of values up to ~50 (2.2e-5 measured with diffusers 0.42.1)
+    torch.testing.assert_close(theirs, ours, rtol=1e-5, atol=1e-4)
     # the LoRA matters: far from the base model, and the EMA target differs from the student
     assert scaled_error(base, ours) > 1e-2
     other = "target" if role == "student" else "student"
