@@ -30,7 +30,8 @@ from tdd_lightning.diffusion.flow import flow_unhonoured_keys
 from tdd_lightning.errors import UserError
 from tdd_lightning.models.conditioning import Cond
 from tdd_lightning.models.encoder import Encoder
-from tdd_lightning.models.families.base import ModelFamily
+from tdd_lightning.models.families.base import ModelFamily, select_sites
+from tdd_lightning.models.features import FeatureSite
 from tdd_lightning.models.loading import resolve_model_path
 
 PATCH = 2  # FLUX packs 2x2 latent patches into one token
@@ -310,6 +311,25 @@ class FluxFamily(ModelFamily):
     def kohya_state_dict(self, tensors, alpha: float) -> dict[str, torch.Tensor]:
         return flux_kohya_state_dict(tensors, alpha)
 
+    def discriminator_sites(self, unet, names: Sequence[str] | None = None) -> list[FeatureSite]:
+        """Token-pooled heads on the frozen transformer's image tokens (ALGORITHM.md 7).
+
+        Every double-stream block (``transformer_blocks.<i>``) and single-stream block
+        (``single_transformer_blocks.<j>``) is a site; each returns (text tokens, image tokens) and the head
+        reads the image tokens [B, L, inner_dim], every sample of the batch (the authors' FLUX code zipped
+        over the batch and scored one sample). ``names`` None: ``default_flux_sites`` (the double-stream
+        blocks at a third, two thirds and the end, and the last single-stream block), so the heads stay a
+        few at FLUX.1-dev's width 3072 (each head holds two 3072 x 3072 1x1 convolutions)."""
+        width = unet.config.num_attention_heads * unet.config.attention_head_dim
+        sites = [
+            FeatureSite(f"{group}.{i}", block, width, "tokens", image_tokens)
+            for group in ("transformer_blocks", "single_transformer_blocks")
+            for i, block in enumerate(getattr(unet, group))
+        ]
+        if names is None:
+            names = default_flux_sites(len(unet.transformer_blocks), len(unet.single_transformer_blocks))
+        return select_sites(self, sites, names)
+
     def randn_like(self, x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
         """Noise drawn in the packed token layout [B, (H/2)(W/2), 4C] (as FluxPipeline's scheduler sees the
         latents), returned unpacked: the module's sampler then draws what the pipeline's does."""
@@ -317,6 +337,18 @@ class FluxFamily(ModelFamily):
         shape = (B, (H // PATCH) * (W // PATCH), C * PATCH * PATCH)
         z = torch.randn(shape, generator=generator, device=x.device, dtype=x.dtype)
         return unpack(z, H, W)
+
+
+def image_tokens(output) -> torch.Tensor:
+    """A FLUX block's image tokens: blocks return (encoder_hidden_states, hidden_states)."""
+    return output[1]
+
+
+def default_flux_sites(num_double: int, num_single: int) -> list[str]:
+    """The double-stream blocks at 1/3, 2/3 and the end (distinct), and the last single-stream block."""
+    double = sorted({max(0, round(num_double * f) - 1) for f in (1 / 3, 2 / 3, 1.0)})
+    names = [f"transformer_blocks.{i}" for i in double]
+    return names + ([f"single_transformer_blocks.{num_single - 1}"] if num_single else [])
 
 
 FLUX = FluxFamily()
