@@ -131,3 +131,18 @@ def test_builder_writes_a_flux_pipeline_folder(tmp_path):
         "a red circle", num_inference_steps=1, height=32, width=32, max_sequence_length=12, output_type="pt"
     )
     assert img.images.shape == (1, 3, 32, 32)
+
+    # a later stage continues the transformer with the same text encoders and VAE (new seed: new batches)
+    later = tmp_path / "flow2"
+    info2 = main(args[:3] + [str(later), "--init", str(out), "--seed", "1"] + args[4:])
+    assert (
+        info2["init"]["command"] == info["command"]
+        and info2["vae"]["shift_factor"] == info["vae"]["shift_factor"]
+    )
+    assert info2["flux"] == json.loads(json.dumps(info["flux"]))
+    q = FluxPipeline.from_pretrained(later, torch_dtype=torch.float32)
+    for name in ("text_encoder", "text_encoder_2", "vae"):
+        a, b = getattr(p, name).state_dict(), getattr(q, name).state_dict()
+        assert all(torch.equal(a[k], b[k]) for k in a), name
+    t1, t2 = p.transformer.state_dict(), q.transformer.state_dict()
+    assert any(not torch.equal(t1[k], t2[k]) for k in t1)

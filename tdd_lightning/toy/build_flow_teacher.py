@@ -67,6 +67,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=td.batch_size)
     p.add_argument("--lr", type=float, default=td.lr)
     p.add_argument("--warmup", type=int, default=td.warmup)
+    p.add_argument(
+        "--init", help="continue training this flow teacher folder (its transformer, text encoders, VAE)"
+    )
     p.add_argument("--limit", type=int, help="use only the first LIMIT train images (tests)")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     p.add_argument("--log-every", type=int, default=100, help="print the loss every so many steps (0: never)")
@@ -79,13 +82,17 @@ def stage_latents(a: argparse.Namespace, pixels: torch.Tensor) -> tuple:
     from diffusers import AutoencoderKL
 
     t0 = time.time()
-    vae = AutoencoderKL.from_pretrained(a.vae, subfolder="vae", torch_dtype=torch.float32).eval()
+    source = a.init or a.vae
+    vae = AutoencoderKL.from_pretrained(source, subfolder="vae", torch_dtype=torch.float32).eval()
     modes = encode_modes(vae, pixels)
-    shift = modes.mean().item()
-    scale = 1.0 / (modes - shift).std().item()
-    vae.register_to_config(shift_factor=shift, scaling_factor=scale)
+    if a.init:  # a later stage keeps the normalisation the transformer was trained with
+        shift, scale = vae.config.shift_factor, vae.config.scaling_factor
+    else:
+        shift = modes.mean().item()
+        scale = 1.0 / (modes - shift).std().item()
+        vae.register_to_config(shift_factor=shift, scaling_factor=scale)
     info = {
-        "reused": a.vae,
+        "reused": source,
         "shift_factor": shift,
         "scaling_factor": scale,
         "seconds": round(time.time() - t0),
@@ -108,15 +115,22 @@ def main(argv: list[str] | None = None) -> dict:
     vae, latents, info["vae"] = stage_latents(a, pixels)
     print(f"vae: {info['vae']}", flush=True)
 
-    # 2. the parts (seeded) and the text condition of "" (row 0) and every unique caption
-    cfg = flux_config(a)
-    parts = build_tiny_flux_parts(cfg, vae=vae)
-    pipe = parts.to_pipeline()
+    # 2. the parts (seeded, or --init's) and the text condition of "" (row 0) and every unique caption
+    if a.init:
+        from diffusers import FluxPipeline
+
+        pipe = FluxPipeline.from_pretrained(a.init, torch_dtype=torch.float32)
+        pipe.register_modules(vae=vae)
+        info["init"] = json.loads((Path(a.init) / "build_info.json").read_text())
+        info["flux"] = info["init"]["flux"]
+    else:
+        cfg = flux_config(a)
+        pipe = build_tiny_flux_parts(cfg, vae=vae).to_pipeline()
+        info["flux"] = {k: v for k, v in asdict(cfg).items() if k != "words"}
     captions = [""] + sorted({x["caption"] for x in attributes})
     lookup = {c: i for i, c in enumerate(captions)}
     caption_index = torch.tensor([lookup[x["caption"]] for x in attributes])
     text = encode_flow_prompts(pipe, captions, IMAGE_SIZE // 4)
-    info["flux"] = {k: v for k, v in asdict(cfg).items() if k != "words"}
 
     # 3. the transformer
     tcfg = FlowTeacherConfig(
@@ -125,7 +139,7 @@ def main(argv: list[str] | None = None) -> dict:
     )  # fmt: skip
     t0 = time.time()
     ema, loss = train_flow_teacher(
-        parts.transformer, latents, caption_index, text, 0, tcfg,
+        pipe.transformer.float().requires_grad_(True), latents, caption_index, text, 0, tcfg,
         progress=not a.no_progress, log_every=a.log_every,
     )  # fmt: skip
     info["transformer"] = asdict(tcfg) | {
@@ -139,7 +153,6 @@ def main(argv: list[str] | None = None) -> dict:
     }
     print(f"transformer: {info['transformer']}", flush=True)
 
-    pipe.transformer = ema
     pipe.register_modules(transformer=ema)
     pipe.to(torch.float16)
     pipe.save_pretrained(out)
