@@ -14,7 +14,8 @@ export TOKENIZERS_PARALLELISM ?= false
 export OMP_WAIT_POLICY ?= PASSIVE
 
 .DEFAULT_GOAL := help
-.PHONY: help install train toy-data bench-toy test test-slow lint format tiny-model shapes notebooks sweep clean
+.PHONY: help install train toy-data bench-toy test test-slow lint format tiny-model shapes notebooks sweep clean \
+	toy-flow-teacher toy-flow-headroom
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
@@ -63,6 +64,16 @@ format: $(STAMP) ## ruff fix + format
 
 tiny-model: $(STAMP) ## write a tiny random SDXL-shaped pipeline to artifacts/tiny-sdxl
 	$(PY) -m tdd_lightning.models.tiny artifacts/tiny-sdxl
+
+toy-flow-teacher: $(TOY_SHAPES) | $(STAMP) ## rebuild models/toy-flow-teacher (tiny FLUX, rectified flow, 2 stages; ~50 min on 2 cores)
+	$(PY) -m tdd_lightning.toy.build_flow_teacher --data data/shapes/two --out artifacts/toy-flow-teacher-stage1 \
+		--heads 4 --steps 2400 --lr 6e-4 --seed 0 --no-progress $(ARGS)
+	$(PY) -m tdd_lightning.toy.build_flow_teacher --data data/shapes/two --out models/toy-flow-teacher \
+		--init artifacts/toy-flow-teacher-stage1 --steps 1800 --lr 4e-4 --seed 1 --no-progress $(ARGS)
+
+toy-flow-headroom: $(TOY_SHAPES) | $(STAMP) ## the flow teacher's Euler 50/8/4/2/1 steps x CFG 1/2/3, n=1000 (~25 min)
+	$(PY) -m tdd_lightning.toy.flow_headroom --teacher models/toy-flow-teacher --steps 50 8 4 2 1 \
+		--guidance 1 2 3 --n 1000 --seed 0 --out logs/toy_flow_headroom.json $(ARGS)
 
 SWEEP_DIR   := logs/toy_tdd/multiruns/example
 
