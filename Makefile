@@ -15,7 +15,7 @@ export OMP_WAIT_POLICY ?= PASSIVE
 
 .DEFAULT_GOAL := help
 .PHONY: help install train toy-data bench-toy test test-slow lint format tiny-model shapes notebooks sweep clean \
-	toy-flow-teacher toy-flow-headroom
+	toy-flow-teacher toy-flow-headroom toy-flow-data train-flow
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
@@ -32,6 +32,7 @@ install: $(STAMP) ## create .venv and install the package with dev extras (once;
 
 TOY_SHAPES  := data/shapes/two/info.json
 TOY_CACHE   := data/cache/toy-teacher/train/meta.json
+TOY_FLOW_CACHE := data/cache/toy-flow-teacher/train/meta.json
 
 train: $(STAMP) $(TOY_CACHE) ## the main job: CPU toy distillation of models/toy-teacher (experiment=toy_tdd)
 	$(PY) train.py experiment=toy_tdd $(ARGS)
@@ -44,6 +45,15 @@ $(TOY_CACHE): $(TOY_SHAPES) | $(STAMP)
 		--model models/toy-teacher --resolution 32 --batch-size 256 --num-workers 1 --overwrite
 
 toy-data: $(TOY_CACHE) ## the two-object shapes data and its latent cache for the toy teacher (once)
+
+$(TOY_FLOW_CACHE): $(TOY_SHAPES) | $(STAMP)
+	$(PY) -m tdd_lightning.data.encode "data/shapes/two/train/shard-*.tar" data/cache/toy-flow-teacher/train \
+		--model models/toy-flow-teacher --resolution 32 --batch-size 256 --num-workers 1 --overwrite
+
+toy-flow-data: $(TOY_FLOW_CACHE) ## the shapes data's latent cache for the toy flow teacher (once)
+
+train-flow: $(STAMP) $(TOY_FLOW_CACHE) ## the flow-matching toy: TDD on models/toy-flow-teacher (experiment=toy_flux_tdd)
+	$(PY) train.py experiment=toy_flux_tdd $(ARGS)
 
 bench-toy: $(STAMP) $(TOY_CACHE) ## TDD/LCM/TCD/PCM students x 2 seeds + teacher -> docs/results/toy.md (~80 min on 2 cores)
 	$(PY) -m tdd_lightning.toy.bench $(ARGS)
@@ -65,11 +75,13 @@ format: $(STAMP) ## ruff fix + format
 tiny-model: $(STAMP) ## write a tiny random SDXL-shaped pipeline to artifacts/tiny-sdxl
 	$(PY) -m tdd_lightning.models.tiny artifacts/tiny-sdxl
 
-toy-flow-teacher: $(TOY_SHAPES) | $(STAMP) ## rebuild models/toy-flow-teacher (tiny FLUX, rectified flow, 2 stages; ~50 min on 2 cores)
+toy-flow-teacher: $(TOY_SHAPES) | $(STAMP) ## rebuild models/toy-flow-teacher (tiny FLUX, rectified flow, 3 stages; ~85 min on 2 cores)
 	$(PY) -m tdd_lightning.toy.build_flow_teacher --data data/shapes/two --out artifacts/toy-flow-teacher-stage1 \
 		--heads 4 --steps 2400 --lr 6e-4 --seed 0 --no-progress $(ARGS)
-	$(PY) -m tdd_lightning.toy.build_flow_teacher --data data/shapes/two --out models/toy-flow-teacher \
+	$(PY) -m tdd_lightning.toy.build_flow_teacher --data data/shapes/two --out artifacts/toy-flow-teacher-stage2 \
 		--init artifacts/toy-flow-teacher-stage1 --steps 1800 --lr 4e-4 --seed 1 --no-progress $(ARGS)
+	$(PY) -m tdd_lightning.toy.build_flow_teacher --data data/shapes/two --out models/toy-flow-teacher \
+		--init artifacts/toy-flow-teacher-stage2 --steps 2400 --lr 4e-4 --seed 2 --no-progress $(ARGS)
 
 toy-flow-headroom: $(TOY_SHAPES) | $(STAMP) ## the flow teacher's Euler 50/8/4/2/1 steps x CFG 1/2/3, n=1000 (~25 min)
 	$(PY) -m tdd_lightning.toy.flow_headroom --teacher models/toy-flow-teacher --steps 50 8 4 2 1 \

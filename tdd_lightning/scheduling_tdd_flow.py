@@ -210,6 +210,12 @@ class TDDFlowScheduler(SchedulerMixin, ConfigMixin):
         self._step_index = None
         self._begin_index = None
 
+    @property
+    def grid_indices(self) -> torch.Tensor:
+        """The steps' positions on the training schedule's index grid (index t has base sigma (t + 1) / T):
+        the timesteps the module's own sampler takes; they do not depend on ``mu``."""
+        return self._indices
+
     def _a_sigma(self, index: int | float, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.flow.a_sigma(torch.tensor([index]), like, mu=self.mu)
 

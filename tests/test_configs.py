@@ -79,6 +79,9 @@ def test_every_experiment_smoke_runs(experiment, tmp_path, tiny_overrides, tiny_
     if experiment.startswith("flux"):  # a FLUX recipe: the tiny guidance-distilled FLUX pipeline
         flux_dir = request.getfixturevalue("tiny_flux_dev_dir")
         tiny_overrides = [f"model.pretrained={flux_dir}", "model.build_if_missing=false", "model.lora.rank=4"]
+    if experiment == "toy_flux_tdd":  # the shipped toy flow teacher (6 MiB, a true-CFG tiny FLUX) as it is
+        teacher = Path(__file__).resolve().parents[1] / "models" / "toy-flow-teacher"
+        tiny_overrides = [f"model.pretrained={teacher}"]
     overrides = [
         f"experiment={experiment}", *tiny_overrides, "model.base_dtype=fp32",
         "model.gradient_checkpointing=false",
@@ -86,7 +89,7 @@ def test_every_experiment_smoke_runs(experiment, tmp_path, tiny_overrides, tiny_
         "trainer.accumulate_grad_batches=1", "logger=csv", "callbacks.sample_grid.every_n_steps=2",
         "callbacks.model_checkpoint.every_n_train_steps=2",
     ]  # fmt: skip
-    if experiment == "toy_tdd":  # its evaluations need the real teacher: see test_toy_eval.py
+    if experiment.startswith("toy_"):  # the full evaluations: see test_toy_eval.py, test_toy_flow_eval.py
         overrides += ["~callbacks.toy_eval", "~callbacks.toy_curves"]
     cfg = compose_cfg(overrides, tmp_path / "out")
     metrics = train(cfg)

@@ -276,7 +276,7 @@ def test_renoising_draws_are_independent_of_the_initial_noise(monkeypatch):
 
     seen = {}
 
-    def fake_sample(eps_fn, x_T, timesteps, schedule, eta=0.0, generator=None):
+    def fake_sample(eps_fn, x_T, timesteps, schedule, eta=0.0, generator=None, **kw):
         seen["z"] = torch.randn(x_T.shape, generator=generator)  # what the first re-noising would draw
         return x_T
 
@@ -285,7 +285,9 @@ def test_renoising_draws_are_independent_of_the_initial_noise(monkeypatch):
 
     monkeypatch.setattr(SDXL, "unconditional_like", lambda *args: args[-2])  # (..., c, None) -> c
     vae = SimpleNamespace(
-        config=SimpleNamespace(scaling_factor=1.0), decode=lambda z: SimpleNamespace(sample=z)
+        config=SimpleNamespace(scaling_factor=1.0),
+        dtype=torch.float32,
+        decode=lambda z: SimpleNamespace(sample=z),
     )
     x_T = sampling.initial_noise(64, seed=3)
     sampling.sample_images(

@@ -316,7 +316,11 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("out_dir", help="output folder (shards of the same names, uncond.safetensors, meta.json)")
     p.add_argument("--model", required=True, help="diffusers folder or hub id (VAE and text encoders)")
     p.add_argument(
-        "--family", choices=["sdxl", "sd15"], default="sdxl", help="model family (sd15: SD1.5 and SD2.x)"
+        "--family",
+        choices=["sdxl", "sd15", "flux"],
+        default=None,
+        help="model family (sd15: SD1.5 and SD2.x); default: the pipeline a local --model folder's "
+        "model_index.json names, else sdxl",
     )
     p.add_argument(
         "--resolution", type=int, nargs="+", help="target size: S or H W (default: VAE sample_size)"
@@ -349,9 +353,10 @@ def main(argv: list[str] | None = None) -> dict:
     buckets = _bucket_arg(a.buckets)
     sample_filter = SampleFilter(a.min_size, a.min_aesthetic, a.max_watermark, a.max_nsfw, a.filter or [])
 
-    from tdd_lightning.models.families import get_family
+    from tdd_lightning.models.families import family_of_folder, get_family
 
-    encoder = get_family(a.family).encoder_from_pretrained(a.model, dtype=DTYPES[a.dtype]).to(a.device)
+    family = a.family or family_of_folder(a.model) or "sdxl"
+    encoder = get_family(family).encoder_from_pretrained(a.model, dtype=DTYPES[a.dtype]).to(a.device)
     res = None if not a.resolution else a.resolution[0] if len(a.resolution) == 1 else tuple(a.resolution[:2])
     meta = encode_shards(
         a.in_shards,

@@ -26,6 +26,29 @@ def metric_key(metric: str, steps: int, eta: float, role: str = "student") -> st
     return f"{prefix}/{metric}/{steps}steps_eta{eta:g}"
 
 
+def recorded_scheduler(pl_module):
+    """The TDDScheduler (a flow model's TDDFlowScheduler) of the module's recorded inference schedule:
+    what its exported LoRA would carry (its K-step schedules are read as training-grid indices)."""
+    from tdd_lightning.pipelines import tdd_scheduler
+    from tdd_lightning.strategies import recorded_inference
+
+    schedule, _ = recorded_inference(pl_module.hparams)
+    meta = {"scheduler_config": schedule.scheduler_config(), "scheduler": pl_module.family.scheduler_class}
+    return tdd_scheduler({}, meta)
+
+
+def module_suite(pl_module, evaluator, data, **kwargs):
+    """The toy Suite of the module's teacher (``model.pretrained``; UNet or flow toy teacher), with CFG's
+    negative as the student was trained (``guidance.uncond``)."""
+    from tdd_lightning.toy.suite import Suite
+
+    uncond = getattr(pl_module.guidance, "uncond", None)
+    return Suite.from_teacher(
+        Path(pl_module.model_cfg["pretrained"]), evaluator, data, device=pl_module.device, uncond=uncond,
+        **kwargs,
+    )  # fmt: skip
+
+
 def check_toy_inputs(evaluator: str, data: str, node: str) -> None:
     """Fail at the start of a run, not after training, if the evaluator or the held-out data is missing."""
     if not Path(evaluator, "config.json").is_file():
@@ -73,26 +96,21 @@ class ToyEvaluation(L.Callback):
 
     @torch.no_grad()
     def evaluate(self, trainer, pl_module) -> str:
-        from tdd_lightning.pipelines import tdd_scheduler
-        from tdd_lightning.strategies import recorded_inference
         from tdd_lightning.toy.runner import Grid, Student, run_grid, write_report
-        from tdd_lightning.toy.suite import Suite
 
         teacher_dir = Path(pl_module.model_cfg["pretrained"])
-        suite = Suite.from_teacher(
-            teacher_dir,
+        suite = module_suite(
+            pl_module,
             self.evaluator,
             self.data,
             n=self.n,
             ref_steps=max(self.teacher_steps),
             ref_guidance=self.teacher_guidance,
             cache_dir=self.cache_dir,
-            device=pl_module.device,
             progress=self.progress,
         )
         selection = pl_module.hparams["target_selection"]
-        schedule, _ = recorded_inference(pl_module.hparams)  # what the exported LoRA would carry
-        scheduler = tdd_scheduler({}, {"scheduler_config": schedule.scheduler_config()})
+        scheduler = recorded_scheduler(pl_module)
         grid = Grid(
             self.steps,
             self.etas,

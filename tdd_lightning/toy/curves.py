@@ -23,7 +23,14 @@ import torch
 
 from tdd_lightning.checkpoint_io import atomic_write
 from tdd_lightning.errors import check, check_int, check_ints, check_number
-from tdd_lightning.toy.callback import ROLE_NAMES, check_toy_inputs, log_images, metric_key
+from tdd_lightning.toy.callback import (
+    ROLE_NAMES,
+    check_toy_inputs,
+    log_images,
+    metric_key,
+    module_suite,
+    recorded_scheduler,
+)
 
 METRICS = ("prompt_acc", "fd", "agree")
 
@@ -86,17 +93,14 @@ class ToyQualityCurves(L.Callback):
     # ---- evaluation -----------------------------------------------------------------------------------
     def suite(self, pl_module):
         if self._suite is None:
-            from tdd_lightning.toy.suite import Suite
-
-            self._suite = Suite.from_teacher(
-                Path(pl_module.model_cfg["pretrained"]),
+            self._suite = module_suite(
+                pl_module,
                 self.evaluator,
                 self.data,
                 n=self.n,
                 ref_steps=self.teacher_steps,
                 ref_guidance=self.teacher_guidance,
                 cache_dir=self.cache_dir,
-                device=pl_module.device,
                 progress=False,
             )
         return self._suite
@@ -107,13 +111,11 @@ class ToyQualityCurves(L.Callback):
         step = trainer.global_step
         if step == 0 or not trainer.is_global_zero or (self.history and self.history[-1]["step"] == step):
             return None
-        from tdd_lightning.pipelines import Setting, tdd_scheduler
-        from tdd_lightning.strategies import recorded_inference
+        from tdd_lightning.pipelines import Setting
         from tdd_lightning.toy.suite import student_timesteps
 
         suite = self.suite(pl_module)
-        schedule, _ = recorded_inference(pl_module.hparams)  # what the exported LoRA would carry
-        timesteps = student_timesteps(tdd_scheduler({}, {"scheduler_config": schedule.scheduler_config()}))
+        timesteps = student_timesteps(recorded_scheduler(pl_module))  # what the exported LoRA would carry
         roles = [r for r in self.roles if r in pl_module.roles.adapters]  # ema only when the run keeps it
         unet, row = pl_module.unet, {"step": step}
         was_training = unet.training

@@ -7,8 +7,11 @@ A student is ``NAME=PATH``: an exported LoRA (file or folder, ``python -m tdd_li
 training run folder (its ``checkpoints/last_lora/<role>``). Repeat a NAME for several training seeds of
 one method: they are aggregated (mean ± spread). Every student is sampled the same way: its exported
 scheduler's K-step schedule (the grid it was trained on), ``tdd_sample`` with each eta, standard CFG
-against the zeros condition with each guidance, from the same initial noise per sampling seed. The
-teacher runs DDIM with trailing spacing (``--teacher-steps``, ``--teacher-guidance``, eta 0).
+against the teacher family's negative (``--uncond``; zeros for the UNet toy teacher) with each guidance,
+from the same initial noise per sampling seed. The teacher runs DDIM with trailing spacing
+(``--teacher-steps``, ``--teacher-guidance``, eta 0). ``--teacher models/toy-flow-teacher`` evaluates
+students of the flow toy teacher (FLUX family): the same prompts and metrics; there "DDIM" at eta 0 is
+the Euler sampler of FluxPipeline's schedule.
 
 Writes ``<out>/table.md``, ``results.json`` (every cell), ``quality_vs_steps.png``,
 ``quality_vs_guidance.png`` (when several guidances) and ``grid.png``; logs them to wandb with ``--wandb``.
@@ -64,11 +67,13 @@ def group_students(specs: Sequence[str], seeds: Sequence[int], paired: bool, rol
 
 
 def load_student_unet(teacher: str, lora: Path, device: str = "cpu"):
-    """The teacher UNet with the LoRA merged in (bare-UNet speed) and its exported TDDScheduler."""
+    """The teacher's denoiser (a UNet, or a flow teacher's transformer) with the LoRA merged in (bare-model
+    speed) and its exported TDDScheduler (TDDFlowScheduler)."""
     from tdd_lightning.pipelines import load_tdd_pipeline
 
     pipe = load_tdd_pipeline(teacher, lora, fuse=True, device=device)
-    return pipe.unet.eval(), pipe.scheduler
+    denoiser = pipe.transformer if hasattr(pipe, "transformer") else pipe.unet
+    return denoiser.eval(), pipe.scheduler
 
 
 def log_wandb(paths: dict[str, Path], records: list[dict], project: str, name: str | None, out: Path) -> None:
@@ -91,7 +96,7 @@ def build_suite(a):
     try:
         return Suite.from_teacher(
             a.teacher, a.evaluator, a.data, n=a.n, ref_steps=a.ref_steps, ref_guidance=a.teacher_guidance,
-            cache_dir=a.cache_dir, device=a.device, progress=not a.no_progress,
+            cache_dir=a.cache_dir, device=a.device, progress=not a.no_progress, uncond=a.uncond,
         )  # fmt: skip
     except ModelNotFoundError as e:
         raise UserError(f"--teacher: {e}") from None
@@ -103,7 +108,15 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--role", default="student", choices=list(ROLES), help="for run folders (ema: the evaluation EMA)"
     )
-    p.add_argument("--teacher", default="models/toy-teacher")
+    p.add_argument(
+        "--teacher", default="models/toy-teacher", help="UNet toy teacher, or models/toy-flow-teacher (FLUX)"
+    )
+    p.add_argument(
+        "--uncond",
+        choices=["zeros", "empty_prompt"],
+        default=None,
+        help="CFG's negative (default: the teacher family's: zeros for the UNet toy, \"\" for the flow toy)",
+    )
     p.add_argument("--evaluator", default="models/toy-evaluator")
     p.add_argument("--data", default="data/shapes/two", help="shapes dataset root (its heldout split)")
     p.add_argument("--steps", type=int, nargs="+", default=[1, 2, 4, 6, 8])

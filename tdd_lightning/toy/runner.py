@@ -15,7 +15,7 @@ from tdd_lightning.pipelines import Setting
 from tdd_lightning.toy.sampling import trailing_timesteps
 from tdd_lightning.toy.suite import student_timesteps
 
-TEACHER = "teacher DDIM"
+TEACHER = "teacher DDIM"  # the UNet toy teacher's rows (a flow teacher's: Suite.teacher_name)
 GRID_PROMPTS = 8  # rows of the sample grid: the first prompts of the suite
 
 
@@ -66,8 +66,8 @@ def run_grid(
     records, columns = [], {}
     for s in grid.teacher_settings():
         res, images = suite.teacher_cell(s)
-        records.append({"model": TEACHER, "run": 0, **asdict(s)} | res)
-        log(_line(TEACHER, s, res))
+        records.append({"model": suite.teacher_name, "run": 0, **asdict(s)} | res)
+        log(_line(suite.teacher_name, s, res))
         if s.seed == grid.seeds[0] and s.steps in (grid_steps, max(grid.teacher_steps)):
             if images is None:  # a cached cell: sample just the grid's prompts
                 images = suite.images(suite.unet, trailing_timesteps(s.steps), s, count=GRID_PROMPTS)
@@ -115,10 +115,11 @@ def write_report(
     results = json.dumps({"meta": meta, "records": records, "real": reals}, indent=1)
     atomic_write(paths["table"], lambda tmp: tmp.write_text(header + "\n\n" + table + "\n"))
     atomic_write(paths["results"], lambda tmp: tmp.write_text(results))
-    students = sorted({r["model"] for r in rows} - {TEACHER})
+    teachers = {r["model"] for r in rows if r["model"].startswith("teacher ")}
+    students = sorted({r["model"] for r in rows} - teachers)
     first_eta, first_g = grid.etas[0], grid.guidances[0]
     fixed = {m: {"eta": first_eta, "guidance": first_g} for m in students}
-    fixed[TEACHER] = {"eta": 0.0, "guidance": grid.teacher_guidance}
+    fixed |= {t: {"eta": 0.0, "guidance": grid.teacher_guidance} for t in teachers}
     p = plot_vs(
         rows, "steps", fixed, out / "quality_vs_steps.png", f"students at eta {first_eta:g}, CFG {first_g:g}"
     )

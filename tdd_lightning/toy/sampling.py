@@ -1,4 +1,9 @@
-"""Sampling toy models: K-step DDIM/TDD jumps (eta re-noising), CFG against the zeros condition, decode."""
+"""Sampling toy models: K-step DDIM/TDD jumps (eta re-noising), standard CFG, decode.
+
+Family-neutral: the UNet toy teacher (SDXL family, eps-prediction, CFG against the zeros condition) and the
+flow toy teacher (FLUX family, v = eps - x0 on a ``FlowSchedule``, CFG against the encoded "") go through
+the same ``tdd_sample``; on a flow schedule at eta 0 its jumps are exactly Euler steps between the
+schedule's sigmas (ALGORITHM.md section 8), so a teacher's "DDIM" cells are its Euler cells there."""
 
 from __future__ import annotations
 
@@ -6,7 +11,7 @@ import hashlib
 
 import torch
 
-from tdd_lightning.diffusion import NoiseSchedule
+from tdd_lightning.diffusion import FlowSchedule, NoiseSchedule
 from tdd_lightning.diffusion.sampling import tdd_sample
 from tdd_lightning.diffusion.timesteps import trailing_timesteps as trailing_timesteps  # re-exported
 from tdd_lightning.progress import progress_bar
@@ -16,13 +21,14 @@ IMAGE_SIZE = 32
 
 
 @torch.no_grad()
-def encode_prompts(components, captions: list[str]) -> dict[str, torch.Tensor]:
-    """The conditions of ``captions`` (float32; the toy teacher is of the SDXL family: its geometry parts
-    are those of a 32x32 uncropped image)."""
+def encode_prompts(components, captions: list[str], family=None) -> dict[str, torch.Tensor]:
+    """The conditions of ``captions`` (float32) for ``family`` (None: SDXL, the UNet toy teacher's; its
+    geometry parts are those of a 32x32 uncropped image; FLUX has none)."""
     from tdd_lightning.models.families.sdxl import SDXL
 
-    text = SDXL.encoder(components).encode_captions(captions)
-    return SDXL.condition(text, SDXL.square_geometry(IMAGE_SIZE, len(captions)))
+    family = family or SDXL
+    text = family.encoder(components).encode_captions(captions)
+    return family.condition(text, family.square_geometry(IMAGE_SIZE, len(captions)))
 
 
 def initial_noise(n: int, seed: int, channels: int = 4, side: int = IMAGE_SIZE // 4) -> torch.Tensor:
@@ -49,20 +55,30 @@ def sample_images(
     x_T: torch.Tensor,
     timesteps: list[int],
     guidance: float,
-    schedule: NoiseSchedule,
+    schedule: NoiseSchedule | FlowSchedule,
     batch_size: int = 250,
     eta: float = 0.0,
     seed: int = 0,
     progress: bool = False,
+    family=None,
+    uncond_text: dict[str, torch.Tensor] | None = None,
+    prediction_type: str | None = None,
 ) -> torch.Tensor:
-    """uint8 images [N, 3, 32, 32]: ``tdd_sample`` on ``timesteps`` (eta 0: DDIM) with CFG ``guidance``,
-    then decode (images on the CPU). The re-noising draws (eta > 0) come from ``renoise_seed(seed)``, so a
-    cell is reproducible. ``progress``: a bar over the UNet steps (batches x steps) on stderr.
+    """uint8 images [N, 3, 32, 32]: ``tdd_sample`` on ``timesteps`` (schedule indices, descending; eta 0:
+    DDIM, on a flow schedule Euler) with CFG ``guidance``, then decode (images on the CPU). The re-noising
+    draws (eta > 0) come from ``renoise_seed(seed)`` in the family's noise layout, so a cell is reproducible.
+    ``progress``: a bar over the denoiser steps (batches x steps) on stderr.
 
-    CFG is standard (eps_u + g (eps_c - eps_u), against the zeros condition) from one batched forward
-    [conditional | unconditional] per step (``ModelFamily.cfg_outputs``); g = 1 runs the conditional alone."""
+    ``family`` (None: SDXL) gives the denoiser call (``denoise`` at the schedule's model time) and the CFG
+    forward; ``prediction_type`` is the denoiser's (None: the family's default, eps for SDXL). CFG is
+    standard (out_u + g (out_c - out_u)) against ``uncond_text`` (None: the zeros condition; else the
+    encoded "") from one batched forward [conditional | unconditional] per step
+    (``ModelFamily.cfg_outputs``); g = 1 runs the conditional alone."""
+    from tdd_lightning.models.encoder import decode_latents
     from tdd_lightning.models.families.sdxl import SDXL
 
+    family = family or SDXL
+    prediction_type = prediction_type or family.prediction_type({})
     out = []
     generator = torch.Generator(device=x_T.device).manual_seed(renoise_seed(seed))
     starts = range(0, len(x_T), batch_size)
@@ -70,19 +86,21 @@ def sample_images(
     with progress_bar(total=len(starts) * len(timesteps), desc=desc, unit="step", enabled=progress) as bar:
         for i in starts:
             c = {k: v[i : i + batch_size] for k, v in cond.items()}
-            u = SDXL.unconditional_like(c, None)
+            u = family.unconditional_like(c, uncond_text)
 
-            def eps_fn(x, t, c=c, u=u):
+            def out_fn(x, t, c=c, u=u):
+                t_in = schedule.model_time(t, x)
                 if guidance == 1.0:
-                    eps = SDXL.denoise(unet, x, t, c)
+                    res = family.denoise(unet, x, t_in, c)
                 else:
-                    eps_c, eps_u = SDXL.cfg_outputs(unet, x, t, c, u, same=None)
-                    eps = eps_u + guidance * (eps_c - eps_u)
+                    res_c, res_u = family.cfg_outputs(unet, x, t_in, c, u, same=None)
+                    res = res_u + guidance * (res_c - res_u)
                 bar.update(1)
-                return eps
+                return res
 
             x0 = tdd_sample(
-                eps_fn, x_T[i : i + batch_size], timesteps, schedule, eta=eta, generator=generator
-            )
-            out.append(to_uint8(vae.decode(x0 / vae.config.scaling_factor).sample).cpu())
+                out_fn, x_T[i : i + batch_size], timesteps, schedule, eta=eta, generator=generator,
+                prediction_type=prediction_type, randn=family.randn_like,
+            )  # fmt: skip
+            out.append(to_uint8(decode_latents(vae, x0).float()).cpu())
     return torch.cat(out)

@@ -35,13 +35,19 @@ TimestepFn = Callable[[int], list[int]]
 
 
 def student_timesteps(scheduler) -> TimestepFn:
-    """A TDDScheduler's K-step schedule (its trained grid; warnings for untrained K silenced)."""
+    """A TDDScheduler's or TDDFlowScheduler's K-step schedule as indices of the training schedule (its
+    trained grid; warnings for untrained K silenced). A flow scheduler's ``timesteps`` are sigma * T: its
+    ``grid_indices`` are the steps' indices."""
 
     def timesteps(k: int) -> list[int]:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            scheduler.set_timesteps(k)
-        return [int(t) for t in scheduler.timesteps]
+            if getattr(scheduler.config, "use_dynamic_shifting", False):
+                scheduler.set_timesteps(k, mu=0.0)  # the indices do not depend on the shift
+            else:
+                scheduler.set_timesteps(k)
+        steps = getattr(scheduler, "grid_indices", None)
+        return [int(t) for t in (scheduler.timesteps if steps is None else steps)]
 
     return timesteps
 
@@ -52,6 +58,23 @@ def file_hash(path: str | Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()[:16]
+
+
+def teacher_family(teacher: str | Path):
+    """The model family of a teacher pipeline folder (``model_index.json``): FLUX for the flow toy teacher,
+    otherwise SDXL (the UNet toy teacher's)."""
+    from tdd_lightning.models.families import family_of_folder, get_family
+
+    return get_family(family_of_folder(teacher) or "sdxl")
+
+
+UNCONDS = ("zeros", "empty_prompt")
+
+
+def check_uncond(uncond: str) -> str:
+    if uncond not in UNCONDS:
+        raise ValueError(f"uncond={uncond!r}: choose one of {', '.join(UNCONDS)} (CFG's negative condition)")
+    return uncond
 
 
 class Suite:
@@ -67,13 +90,18 @@ class Suite:
         teacher_id: str = "teacher",
         device: str | torch.device = "cpu",
         progress: bool = True,
+        family=None,
+        uncond: str | None = None,
     ):
-        from tdd_lightning.diffusion import NoiseSchedule
+        from tdd_lightning.models.families.sdxl import SDXL
 
         self.device = torch.device(device)
         self.unet, self.vae = components.unet.to(self.device), components.vae.to(self.device)
         evaluator = evaluator.to(self.device)
-        self.schedule = NoiseSchedule.from_config(components.noise_scheduler.config)
+        self.family = family or SDXL
+        config = components.noise_scheduler.config
+        self.schedule = self.family.noise_schedule(config)
+        self.prediction_type = self.family.prediction_type(config)
         self.evaluator, self.n = evaluator, n
         self.ref_steps, self.ref_guidance = ref_steps, ref_guidance
         pixels, attrs = load_split(data, "heldout")
@@ -83,8 +111,14 @@ class Suite:
         self.labels = labels_tensor(self.prompts)
         self.real_pixels = pixels[:n]
         _, self.real_feats = classify(evaluator, pixels[n : 2 * n])
-        cond = encode_prompts(components, [a["caption"] for a in self.prompts])
+        cond = encode_prompts(components, [a["caption"] for a in self.prompts], self.family)
         self.cond = {k: v.to(self.device) for k, v in cond.items()}
+        # CFG's negative: the convention the teacher was trained with (None: its family's stock pipeline's)
+        self.uncond = check_uncond(uncond or self.family.pipeline_uncond)
+        self.uncond_text = None
+        if self.uncond == "empty_prompt":
+            empty = encode_prompts(components, [""], self.family)
+            self.uncond_text = {k: empty[k][0].to(self.device) for k in self.family.text_keys}
         self.cache_dir = Path(cache_dir) if cache_dir else None
         self.cache = TeacherCache(self.cache_dir) if self.cache_dir else None
         self.teacher_id = teacher_id
@@ -95,12 +129,21 @@ class Suite:
     def from_teacher(cls, teacher: str | Path, evaluator: str | Path, data: str | Path, **kwargs) -> Suite:
         """Load the teacher pipeline folder and the evaluator; teacher cells are cached under the hash of the
         teacher's UNet weights (``kwargs``: the other ``__init__`` arguments)."""
-        from tdd_lightning.models import load_sdxl_components
         from tdd_lightning.toy.classifier import load_evaluator
 
-        components = load_sdxl_components(str(teacher))
-        unet_file = next(Path(teacher, "unet").glob("*.safetensors"))
-        return cls(components, load_evaluator(evaluator), data, teacher_id=file_hash(unet_file), **kwargs)
+        family = teacher_family(teacher)
+        components = family.load(str(teacher))
+        weights = next(Path(teacher, family.denoiser_subfolder).glob("*.safetensors"))
+        teacher_id = file_hash(weights)
+        if kwargs.get("uncond") not in (None, family.pipeline_uncond):  # another negative, other cells
+            teacher_id += f"/{kwargs['uncond']}"
+        evaluator = load_evaluator(evaluator)
+        return cls(components, evaluator, data, teacher_id=teacher_id, family=family, **kwargs)
+
+    @property
+    def teacher_name(self) -> str:
+        """The teacher's rows: "teacher DDIM"; on a flow schedule the same sampler is Euler's."""
+        return "teacher Euler" if self.family.prediction_type({}) == "flow" else "teacher DDIM"
 
     @property
     def captions(self) -> list[str]:
@@ -144,7 +187,8 @@ class Suite:
         cond = {k: v[:count] for k, v in self.cond.items()}
         return sample_images(
             unet, self.vae, cond, x_T, list(timesteps), s.guidance, self.schedule, eta=s.eta, seed=s.seed,
-            progress=self.progress,
+            progress=self.progress, family=self.family, uncond_text=self.uncond_text,
+            prediction_type=self.prediction_type,
         )  # fmt: skip
 
     def cell(self, unet, timesteps: TimestepFn, s: Setting) -> tuple[dict[str, float], torch.Tensor]:

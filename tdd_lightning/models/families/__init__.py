@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import os
+from pathlib import Path
+
 from tdd_lightning.errors import ConfigError
 from tdd_lightning.models.families.base import LORA_TARGETS, MissingConditionError, ModelFamily
 from tdd_lightning.models.families.flux import FLUX
@@ -20,4 +24,22 @@ def get_family(name: str | None) -> ModelFamily:
     return FAMILIES[name]
 
 
-__all__ = ["DEFAULT_FAMILY", "FAMILIES", "LORA_TARGETS", "MissingConditionError", "ModelFamily", "get_family"]
+def family_of_folder(folder: str | os.PathLike) -> str | None:
+    """The family whose stock pipeline a local diffusers folder's ``model_index.json`` names (SD2.x's
+    StableDiffusionPipeline is ``sd15``); None when the folder has no index or names another pipeline."""
+    index = Path(folder, "model_index.json")
+    if not index.is_file():
+        return None
+    name = json.loads(index.read_text()).get("_class_name", "")
+    return next((k for k, f in FAMILIES.items() if f.pipeline_class == name), None)
+
+
+__all__ = [
+    "DEFAULT_FAMILY",
+    "FAMILIES",
+    "LORA_TARGETS",
+    "MissingConditionError",
+    "ModelFamily",
+    "family_of_folder",
+    "get_family",
+]

@@ -50,6 +50,9 @@ class ModelFamily:
     denoiser_subfolder = "unet"  # the model folder's denoiser (a flow family: "transformer")
     lora_prefix = "unet"  # the key prefix of the pipeline's LoRA files (``load_lora_weights``)
     scheduler_class = "TDDScheduler"  # the TDD sampler of the family's noise process (pipelines.py)
+    # CFG's negative in the family's stock pipeline: "zeros" (SDXL: force_zeros_for_empty_prompt) or the
+    # encoded "" ("empty_prompt": SD1.5, FLUX's true CFG)
+    pipeline_uncond = "zeros"
     text_keys: tuple[str, ...] = ()  # condition parts the unconditional condition replaces
     cond_keys: tuple[str, ...] = ()  # every condition tensor of a batch / cached shard (text first)
     lora_targets: tuple[str, ...] = LORA_TARGETS

@@ -230,6 +230,7 @@ class FluxFamily(ModelFamily):
     denoiser_subfolder = "transformer"
     lora_prefix = "transformer"
     scheduler_class = "TDDFlowScheduler"
+    pipeline_uncond = "empty_prompt"
     text_keys = ("prompt_embeds", "pooled_prompt_embeds")
     cond_keys = ("prompt_embeds", "pooled_prompt_embeds")
     lora_targets = FLUX_LORA_TARGETS

@@ -120,6 +120,7 @@ class SD15Encoder(Encoder):
 
 class SD15Family(ModelFamily):
     name = "sd15"
+    pipeline_uncond = "empty_prompt"
     pipeline_class = "StableDiffusionPipeline"
     text_keys = ("prompt_embeds",)
     cond_keys = ("prompt_embeds",)
