@@ -73,7 +73,106 @@ class TDDSchedulerOutput(BaseOutput):
     denoised: torch.Tensor
 
 
-class TDDScheduler(SchedulerMixin, ConfigMixin):
+class TDDSchedulerBase(SchedulerMixin, ConfigMixin):
+    """What the TDD schedulers share around their step (``TDDScheduler``, ``TDDFlowScheduler``): the trained
+    grid's checks and target set, ``from_config`` keeping the keys TDD honours, the step index bookkeeping
+    the pipelines drive, and eta's checks. Subclasses set ``_unhonoured`` (the base config's keys that warn)
+    and ``_dropped`` (keys always replaced)."""
+
+    order = 1
+    _unhonoured = staticmethod(unhonoured_keys)
+    _dropped: tuple[str, ...] = ()
+
+    def _init_grid(self, k_min: int, k_max: int, num_teacher_steps: int, num_train_timesteps: int) -> None:
+        """Checks the trained range; sets ``trained_timesteps`` = M u {T-1}, the timesteps the model was
+        trained to start from and jump to, and the pre-``set_timesteps`` state."""
+        if not 1 <= k_min <= k_max <= num_teacher_steps:
+            raise ValueError(f"need 1 <= k_min <= k_max <= num_teacher_steps, got {k_min}, {k_max}")
+        self.trained_timesteps = sorted(
+            set(target_set(k_min, k_max, num_teacher_steps, num_train_timesteps)) | {num_train_timesteps - 1}
+        )
+        self.init_noise_sigma = 1.0
+        self.num_inference_steps: int | None = None
+        self._step_index: int | None = None
+        self._begin_index: int | None = None
+        self._eta_warned = False
+
+    @classmethod
+    def from_config(cls, config=None, return_unused_kwargs: bool = False, **kwargs):
+        """diffusers' ``from_config`` (e.g. of a pipeline's scheduler config), keeping the keys TDD honours.
+
+        Each other key warns by name, once (``_unhonoured``: e.g. ``use_karras_sigmas=True`` of an Euler
+        config, a ``timestep_spacing`` other than 'trailing' for TDDScheduler). Keys the config only holds as
+        its class defaults (``_use_default_values``) are not the model's: dropped.
+        """
+        config = dict(config or {})
+        defaults = set(config.get("_use_default_values", ()))
+        given = {k: v for k, v in config.items() if k not in defaults and not k.startswith("_")} | kwargs
+        known = [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
+        for message in cls._unhonoured(given, known):
+            _warn_once(f"{cls.__name__}.from_config: {message}")
+        kept = {k: v for k, v in given.items() if k in known and k not in cls._dropped}
+        return super().from_config(kept, return_unused_kwargs=return_unused_kwargs)
+
+    # ---- step index bookkeeping (the pipelines call set_begin_index for img2img) ----
+
+    @property
+    def step_index(self) -> int | None:
+        """Index into ``timesteps`` of the next ``step`` call; None before the first."""
+        return self._step_index
+
+    @property
+    def begin_index(self) -> int | None:
+        """Index of the first timestep the pipeline runs (set with ``set_begin_index``)."""
+        return self._begin_index
+
+    def set_begin_index(self, begin_index: int = 0) -> None:
+        self._begin_index = begin_index
+
+    def _init_step_index(self, timestep: torch.Tensor | float) -> None:
+        self._step_index = (
+            self._begin_index if self._begin_index is not None else self.index_for_timestep(timestep)
+        )
+
+    def index_for_timestep(self, timestep: torch.Tensor | float) -> int:
+        hits = (self.timesteps.cpu() == torch.as_tensor(timestep).to(self.timesteps.dtype).cpu()).nonzero()
+        if len(hits) == 0:
+            raise ValueError(f"timestep {float(timestep)} is not in the schedule {self.timesteps.tolist()}")
+        return int(hits.flatten()[0])
+
+    # ---- the contract ----
+
+    def __len__(self) -> int:
+        return self.config.num_train_timesteps
+
+    def scale_model_input(
+        self, sample: torch.Tensor, timestep: torch.Tensor | float | None = None
+    ) -> torch.Tensor:
+        """No input scaling (variance-preserving latents; flow latents need none either)."""
+        return sample
+
+    # ---- eta ----
+
+    @staticmethod
+    def _check_eta(eta: float) -> None:
+        if not 0.0 <= eta <= 1.0:
+            raise ValueError(f"eta must lie in [0, 1], got {eta}")
+
+    def _resolve_eta(self, eta: float | None) -> float:
+        eta = float(self.config.eta if eta is None else eta)
+        self._check_eta(eta)
+        if eta > self.config.trained_s_ratio and not self._eta_warned:
+            self._eta_warned = True
+            warnings.warn(
+                f"{type(self).__name__}: eta={eta} is above the trained s_ratio="
+                f"{self.config.trained_s_ratio}; the model never learned jumps that long "
+                "(recommended eta 0 to 0.3)",
+                stacklevel=3,
+            )
+        return eta
+
+
+class TDDScheduler(TDDSchedulerBase):
     """Few-step TDD sampler (ALGORITHM.md section 4): trained grid schedules, eta sampling, early x0 clipping.
 
     Config keys beyond the diffusers noise schedule (num_train_timesteps, beta_* (linear, scaled_linear,
@@ -96,7 +195,7 @@ class TDDScheduler(SchedulerMixin, ConfigMixin):
       clip_steps: t_l, clip only during the first t_l steps of the schedule; None clips at every step.
     """
 
-    order = 1
+    _dropped = ("timestep_spacing",)  # always 'trailing'
 
     @register_to_config
     def __init__(
@@ -131,8 +230,7 @@ class TDDScheduler(SchedulerMixin, ConfigMixin):
             )
         if schedule not in SCHEDULES:
             raise ValueError(f"schedule={schedule!r} is not one of {SCHEDULES}")
-        if not 1 <= k_min <= k_max <= num_teacher_steps:
-            raise ValueError(f"need 1 <= k_min <= k_max <= num_teacher_steps, got {k_min}, {k_max}")
+        self._init_grid(k_min, k_max, num_teacher_steps, num_train_timesteps)
         self._check_eta(eta)
         if clip_steps is not None and clip_steps < 0:
             raise ValueError(f"clip_steps must be None or >= 0, got {clip_steps}")
@@ -142,70 +240,7 @@ class TDDScheduler(SchedulerMixin, ConfigMixin):
         self.alphas_cumprod = abar.float()  # what other diffusers code expects to find
         self._abar = abar  # float64, for the re-noising ratio
         self._schedule = NoiseSchedule(abar)
-        # M u {T-1}: the timesteps the model was trained to start from and jump to
-        self.trained_timesteps = sorted(
-            set(target_set(k_min, k_max, num_teacher_steps, num_train_timesteps)) | {num_train_timesteps - 1}
-        )
-
-        self.init_noise_sigma = 1.0
-        self.num_inference_steps: int | None = None
         self.timesteps = torch.arange(num_train_timesteps - 1, -1, -1, dtype=torch.long)
-        self._step_index: int | None = None
-        self._begin_index: int | None = None
-        self._eta_warned = False
-
-    @classmethod
-    def from_config(cls, config=None, return_unused_kwargs: bool = False, **kwargs):
-        """diffusers' ``from_config`` (e.g. of a pipeline's scheduler config), keeping the keys TDD honours.
-
-        Each other key warns by name, once (``diffusion.unhonoured_keys``): e.g. ``use_karras_sigmas=True``
-        of an Euler config, a ``timestep_spacing`` other than 'trailing' (TDD's grid is trailing). Keys
-        the config only holds as its class defaults (``_use_default_values``) are not the model's: dropped.
-        """
-        config = dict(config or {})
-        defaults = set(config.get("_use_default_values", ()))
-        given = {k: v for k, v in config.items() if k not in defaults and not k.startswith("_")} | kwargs
-        known = [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
-        for message in unhonoured_keys(given, known):
-            _warn_once(f"TDDScheduler.from_config: {message}")
-        given.pop("timestep_spacing", None)  # always 'trailing'
-        kept = {k: v for k, v in given.items() if k in known}
-        return super().from_config(kept, return_unused_kwargs=return_unused_kwargs)
-
-    # ---- step index bookkeeping (the pipelines call set_begin_index for img2img) ----
-
-    @property
-    def step_index(self) -> int | None:
-        """Index into ``timesteps`` of the next ``step`` call; None before the first."""
-        return self._step_index
-
-    @property
-    def begin_index(self) -> int | None:
-        """Index of the first timestep the pipeline runs (set with ``set_begin_index``)."""
-        return self._begin_index
-
-    def set_begin_index(self, begin_index: int = 0) -> None:
-        self._begin_index = begin_index
-
-    def _init_step_index(self, timestep: torch.Tensor | int) -> None:
-        if self._begin_index is not None:
-            self._step_index = self._begin_index
-            return
-        hits = (self.timesteps == int(timestep)).nonzero().flatten()
-        if len(hits) == 0:
-            raise ValueError(f"timestep {int(timestep)} is not in the schedule {self.timesteps.tolist()}")
-        self._step_index = int(hits[0])
-
-    # ---- the contract ----
-
-    def __len__(self) -> int:
-        return self.config.num_train_timesteps
-
-    def scale_model_input(
-        self, sample: torch.Tensor, timestep: torch.Tensor | int | None = None
-    ) -> torch.Tensor:
-        """No input scaling (variance-preserving latents)."""
-        return sample
 
     def set_timesteps(
         self,
@@ -323,23 +358,6 @@ class TDDScheduler(SchedulerMixin, ConfigMixin):
         if cfg.clip_sample:
             x0 = x0.clamp(-cfg.clip_sample_range, cfg.clip_sample_range)
         return x0
-
-    @staticmethod
-    def _check_eta(eta: float) -> None:
-        if not 0.0 <= eta <= 1.0:
-            raise ValueError(f"eta must lie in [0, 1], got {eta}")
-
-    def _resolve_eta(self, eta: float | None) -> float:
-        eta = float(self.config.eta if eta is None else eta)
-        self._check_eta(eta)
-        if eta > self.config.trained_s_ratio and not self._eta_warned:
-            self._eta_warned = True
-            warnings.warn(
-                f"TDDScheduler: eta={eta} is above the trained s_ratio={self.config.trained_s_ratio}; "
-                "the model never learned jumps that long (recommended eta 0 to 0.3)",
-                stacklevel=3,
-            )
-        return eta
 
     def _validate_timesteps(self, timesteps: Sequence[int] | torch.Tensor) -> list[int]:
         return validate_timesteps(timesteps, self.config.num_train_timesteps, self.trained_timesteps)

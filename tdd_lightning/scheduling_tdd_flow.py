@@ -19,14 +19,11 @@ without eta or generator: ``config.eta`` applies, and the re-noising draws from 
 
 from __future__ import annotations
 
-import inspect
 import math
-import warnings
 from collections.abc import Sequence
 
 import numpy as np
 import torch
-from diffusers import ConfigMixin, SchedulerMixin
 from diffusers.configuration_utils import register_to_config
 
 from tdd_lightning.diffusion import (
@@ -34,16 +31,15 @@ from tdd_lightning.diffusion import (
     SCHEDULES,
     FlowSchedule,
     ddim_jump,
-    target_set,
     tdd_timesteps,
     to_eps_x0,
 )
 from tdd_lightning.diffusion.flow import flow_unhonoured_keys
 from tdd_lightning.scheduling_tdd import (
     Generators,
+    TDDSchedulerBase,
     TDDSchedulerOutput,
     _randn_like,
-    _warn_once,
     validate_timesteps,
 )
 from tdd_lightning.strategies.inference import RECOMMENDED
@@ -56,7 +52,7 @@ def is_pipeline_default(sigmas: Sequence[float], num_steps: int) -> bool:
     return K == num_steps and np.allclose(values, np.linspace(1.0, 1.0 / K, K), rtol=0.0, atol=1e-6)
 
 
-class TDDFlowScheduler(SchedulerMixin, ConfigMixin):
+class TDDFlowScheduler(TDDSchedulerBase):
     """Few-step TDD sampler for flow models (ALGORITHM.md section 8).
 
     Config: the shift of ``FlowMatchEulerDiscreteScheduler`` (num_train_timesteps, shift,
@@ -66,7 +62,7 @@ class TDDFlowScheduler(SchedulerMixin, ConfigMixin):
     (a larger eta warns once).
     """
 
-    order = 1
+    _unhonoured = staticmethod(flow_unhonoured_keys)
 
     @register_to_config
     def __init__(
@@ -88,20 +84,14 @@ class TDDFlowScheduler(SchedulerMixin, ConfigMixin):
     ):
         if schedule not in SCHEDULES:
             raise ValueError(f"schedule={schedule!r} is not one of {SCHEDULES}")
-        if not 1 <= k_min <= k_max <= num_teacher_steps:
-            raise ValueError(f"need 1 <= k_min <= k_max <= num_teacher_steps, got {k_min}, {k_max}")
         if num_train_timesteps % num_teacher_steps:
             raise ValueError(f"num_teacher_steps={num_teacher_steps} must divide T={num_train_timesteps}")
+        self._init_grid(k_min, k_max, num_teacher_steps, num_train_timesteps)
         self._check_eta(eta)
         self.flow = FlowSchedule(
             num_train_timesteps, shift, use_dynamic_shifting, base_shift, max_shift,
             base_image_seq_len, max_image_seq_len, time_shift_type,
         )  # fmt: skip
-        self.trained_timesteps = sorted(
-            set(target_set(k_min, k_max, num_teacher_steps, num_train_timesteps)) | {num_train_timesteps - 1}
-        )
-        self.init_noise_sigma = 1.0
-        self.num_inference_steps: int | None = None
         self.mu: float | None = None
         self.generator: Generators = None
         self._indices = torch.arange(num_train_timesteps - 1, -1, -1)  # grid indices of the steps
@@ -110,57 +100,10 @@ class TDDFlowScheduler(SchedulerMixin, ConfigMixin):
         mu = identity if use_dynamic_shifting else self.flow.mu_for(None)
         self.sigmas = torch.cat([self.flow.sigmas_at(self._indices, mu).float(), torch.zeros(1)])
         self.timesteps = self.sigmas[:-1] * num_train_timesteps
-        self._step_index: int | None = None
-        self._begin_index: int | None = None
-        self._eta_warned = False
-
-    @classmethod
-    def from_config(cls, config=None, return_unused_kwargs: bool = False, **kwargs):
-        """diffusers' ``from_config`` of a flow pipeline's scheduler config, keeping the keys TDD honours;
-        each other key warns by name, once (those at values that change nothing, e.g. ``invert_sigmas=False``,
-        stay silent). Keys the config only holds as class defaults (``_use_default_values``) are dropped."""
-        config = dict(config or {})
-        defaults = set(config.get("_use_default_values", ()))
-        given = {k: v for k, v in config.items() if k not in defaults and not k.startswith("_")} | kwargs
-        known = [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
-        for message in flow_unhonoured_keys(given, known):
-            _warn_once(f"TDDFlowScheduler.from_config: {message}")
-        kept = {k: v for k, v in given.items() if k in known}
-        return super().from_config(kept, return_unused_kwargs=return_unused_kwargs)
-
-    # ---- step index bookkeeping (the FLUX pipelines call set_begin_index) ----
-
-    @property
-    def step_index(self) -> int | None:
-        return self._step_index
-
-    @property
-    def begin_index(self) -> int | None:
-        return self._begin_index
-
-    def set_begin_index(self, begin_index: int = 0) -> None:
-        self._begin_index = begin_index
 
     def set_generator(self, generator: Generators) -> None:
         """The generator(s) of the eta re-noising when ``step`` gets none (FluxPipeline never passes one)."""
         self.generator = generator
-
-    def index_for_timestep(self, timestep: torch.Tensor | float) -> int:
-        hits = (self.timesteps.cpu() == torch.as_tensor(timestep).float().cpu()).nonzero().flatten()
-        if len(hits) == 0:
-            raise ValueError(f"timestep {float(timestep)} is not in the schedule {self.timesteps.tolist()}")
-        return int(hits[0])
-
-    def _init_step_index(self, timestep) -> None:
-        self._step_index = (
-            self._begin_index if self._begin_index is not None else self.index_for_timestep(timestep)
-        )
-
-    def __len__(self) -> int:
-        return self.config.num_train_timesteps
-
-    def scale_model_input(self, sample: torch.Tensor, timestep=None) -> torch.Tensor:
-        return sample
 
     # ---- the schedule ----
 
@@ -296,22 +239,3 @@ class TDDFlowScheduler(SchedulerMixin, ConfigMixin):
         sigma = sigma.to(original_samples.device, original_samples.dtype)
         sigma = sigma.view(-1, *(1,) * (original_samples.ndim - 1))
         return (1.0 - sigma) * original_samples + sigma * noise
-
-    # ---- eta ----
-
-    @staticmethod
-    def _check_eta(eta: float) -> None:
-        if not 0.0 <= eta <= 1.0:
-            raise ValueError(f"eta must lie in [0, 1], got {eta}")
-
-    def _resolve_eta(self, eta: float | None) -> float:
-        eta = float(self.config.eta if eta is None else eta)
-        self._check_eta(eta)
-        if eta > self.config.trained_s_ratio and not self._eta_warned:
-            self._eta_warned = True
-            warnings.warn(
-                f"TDDFlowScheduler: eta={eta} is above the trained s_ratio={self.config.trained_s_ratio}; "
-                "the model never learned jumps that long (recommended eta 0 to 0.3)",
-                stacklevel=3,
-            )
-        return eta
