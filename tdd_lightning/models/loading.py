@@ -83,3 +83,35 @@ def resolve_model_path(
         )
     patterns = [f"{s}/*" for s in SUBFOLDERS] + ["model_index.json"]
     return Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns))
+
+
+def load_frozen_parts(
+    root: Path,
+    *,
+    denoiser: tuple[type, str],
+    text_encoders: tuple[tuple[type, str], ...],
+    tokenizers: tuple[tuple[type, str], ...],
+    scheduler: tuple[type, str],
+    dtype,
+    variant: str | None = None,
+    load_vae: bool = True,
+    load_text_encoders: bool = True,
+) -> tuple:
+    """The parts of a diffusers pipeline folder, frozen and in eval mode: (denoiser, vae, text encoders,
+    tokenizers, noise scheduler). Each spec is (class, subfolder); the VAE is the folder's ``AutoencoderKL``.
+    ``load_vae`` / ``load_text_encoders`` = False give None in those places (cached training needs none)."""
+    from diffusers import AutoencoderKL
+
+    kw = {"torch_dtype": dtype, "variant": variant} if variant else {"torch_dtype": dtype}
+    model = denoiser[0].from_pretrained(root, subfolder=denoiser[1], **kw)
+    vae = AutoencoderKL.from_pretrained(root, subfolder="vae", **kw) if load_vae else None
+    if load_text_encoders:
+        encoders = tuple(cls.from_pretrained(root, subfolder=sub, **kw) for cls, sub in text_encoders)
+        toks = tuple(cls.from_pretrained(root, subfolder=sub) for cls, sub in tokenizers)
+    else:
+        encoders, toks = (None,) * len(text_encoders), (None,) * len(tokenizers)
+    noise_scheduler = scheduler[0].from_pretrained(root, subfolder=scheduler[1])
+    for m in (model, vae, *encoders):
+        if m is not None:
+            m.requires_grad_(False).eval()
+    return model, vae, encoders, toks, noise_scheduler

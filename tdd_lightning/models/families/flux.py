@@ -32,7 +32,7 @@ from tdd_lightning.models.conditioning import Cond
 from tdd_lightning.models.encoder import Encoder
 from tdd_lightning.models.families.base import ModelFamily, select_sites
 from tdd_lightning.models.features import FeatureSite
-from tdd_lightning.models.loading import resolve_model_path
+from tdd_lightning.models.loading import load_frozen_parts, resolve_model_path
 
 PATCH = 2  # FLUX packs 2x2 latent patches into one token
 REQUIRED = ("transformer", "scheduler")  # the subfolders a local FLUX folder must have
@@ -88,23 +88,17 @@ def load_flux_components(
     load_text_encoders: bool = True,
 ) -> FluxComponents:
     """Load the transformer, VAE, CLIP and T5 encoders and tokenizers, and the flow-match scheduler."""
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
     from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
 
-    root = resolve_model_path(pretrained, revision, required=REQUIRED)
-    kw = {"torch_dtype": dtype, "variant": variant} if variant else {"torch_dtype": dtype}
-    transformer = FluxTransformer2DModel.from_pretrained(root, subfolder="transformer", **kw)
-    vae = AutoencoderKL.from_pretrained(root, subfolder="vae", **kw) if load_vae else None
-    te1 = te2 = tok1 = tok2 = None
-    if load_text_encoders:
-        te1 = CLIPTextModel.from_pretrained(root, subfolder="text_encoder", **kw)
-        te2 = T5EncoderModel.from_pretrained(root, subfolder="text_encoder_2", **kw)
-        tok1 = CLIPTokenizer.from_pretrained(root, subfolder="tokenizer")
-        tok2 = T5TokenizerFast.from_pretrained(root, subfolder="tokenizer_2")
-    scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(root, subfolder="scheduler")
-    for m in (transformer, vae, te1, te2):
-        if m is not None:
-            m.requires_grad_(False).eval()
+    transformer, vae, (te1, te2), (tok1, tok2), scheduler = load_frozen_parts(
+        resolve_model_path(pretrained, revision, required=REQUIRED),
+        denoiser=(FluxTransformer2DModel, "transformer"),
+        text_encoders=((CLIPTextModel, "text_encoder"), (T5EncoderModel, "text_encoder_2")),
+        tokenizers=((CLIPTokenizer, "tokenizer"), (T5TokenizerFast, "tokenizer_2")),
+        scheduler=(FlowMatchEulerDiscreteScheduler, "scheduler"),
+        dtype=dtype, variant=variant, load_vae=load_vae, load_text_encoders=load_text_encoders,
+    )  # fmt: skip
     return FluxComponents(transformer, vae, te1, te2, tok1, tok2, scheduler)
 
 

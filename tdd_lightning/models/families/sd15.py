@@ -22,7 +22,7 @@ import torch
 from tdd_lightning.models.conditioning import Cond
 from tdd_lightning.models.encoder import Encoder, tokenize
 from tdd_lightning.models.families.base import ModelFamily
-from tdd_lightning.models.loading import resolve_model_path
+from tdd_lightning.models.loading import load_frozen_parts, resolve_model_path
 
 
 @dataclass
@@ -59,21 +59,17 @@ def load_sd15_components(
     load_text_encoders: bool = True,
 ) -> SD15Components:
     """Load UNet, VAE, the CLIP text encoder and tokenizer, and the noise scheduler (DDPM, same config)."""
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from diffusers import DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
-    root = resolve_model_path(pretrained, revision)
-    kw = {"torch_dtype": dtype, "variant": variant} if variant else {"torch_dtype": dtype}
-    unet = UNet2DConditionModel.from_pretrained(root, subfolder="unet", **kw)
-    vae = AutoencoderKL.from_pretrained(root, subfolder="vae", **kw) if load_vae else None
-    te = tok = None
-    if load_text_encoders:
-        te = CLIPTextModel.from_pretrained(root, subfolder="text_encoder", **kw)
-        tok = CLIPTokenizer.from_pretrained(root, subfolder="tokenizer")
-    scheduler = DDPMScheduler.from_pretrained(root, subfolder="scheduler")
-    for m in (unet, vae, te):
-        if m is not None:
-            m.requires_grad_(False).eval()
+    unet, vae, (te,), (tok,), scheduler = load_frozen_parts(
+        resolve_model_path(pretrained, revision),
+        denoiser=(UNet2DConditionModel, "unet"),
+        text_encoders=((CLIPTextModel, "text_encoder"),),
+        tokenizers=((CLIPTokenizer, "tokenizer"),),
+        scheduler=(DDPMScheduler, "scheduler"),
+        dtype=dtype, variant=variant, load_vae=load_vae, load_text_encoders=load_text_encoders,
+    )  # fmt: skip
     return SD15Components(unet, vae, te, tok, scheduler)
 
 

@@ -20,7 +20,7 @@ import torch
 from tdd_lightning.models.conditioning import Cond
 from tdd_lightning.models.encoder import Encoder, tokenize
 from tdd_lightning.models.families.base import ModelFamily
-from tdd_lightning.models.loading import resolve_model_path
+from tdd_lightning.models.loading import load_frozen_parts, resolve_model_path
 
 
 @dataclass
@@ -62,23 +62,17 @@ def load_sdxl_components(
     ``load_vae`` / ``load_text_encoders`` = False skip those parts (training from cached latents and
     embeddings never needs them).
     """
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from diffusers import DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-    root = resolve_model_path(pretrained, revision)
-    kw = {"torch_dtype": dtype, "variant": variant} if variant else {"torch_dtype": dtype}
-    unet = UNet2DConditionModel.from_pretrained(root, subfolder="unet", **kw)
-    vae = AutoencoderKL.from_pretrained(root, subfolder="vae", **kw) if load_vae else None
-    te1 = te2 = tok1 = tok2 = None
-    if load_text_encoders:
-        te1 = CLIPTextModel.from_pretrained(root, subfolder="text_encoder", **kw)
-        te2 = CLIPTextModelWithProjection.from_pretrained(root, subfolder="text_encoder_2", **kw)
-        tok1 = CLIPTokenizer.from_pretrained(root, subfolder="tokenizer")
-        tok2 = CLIPTokenizer.from_pretrained(root, subfolder="tokenizer_2")
-    scheduler = DDPMScheduler.from_pretrained(root, subfolder="scheduler")
-    for m in (unet, vae, te1, te2):
-        if m is not None:
-            m.requires_grad_(False).eval()
+    unet, vae, (te1, te2), (tok1, tok2), scheduler = load_frozen_parts(
+        resolve_model_path(pretrained, revision),
+        denoiser=(UNet2DConditionModel, "unet"),
+        text_encoders=((CLIPTextModel, "text_encoder"), (CLIPTextModelWithProjection, "text_encoder_2")),
+        tokenizers=((CLIPTokenizer, "tokenizer"), (CLIPTokenizer, "tokenizer_2")),
+        scheduler=(DDPMScheduler, "scheduler"),
+        dtype=dtype, variant=variant, load_vae=load_vae, load_text_encoders=load_text_encoders,
+    )  # fmt: skip
     return SDXLComponents(unet, vae, te1, te2, tok1, tok2, scheduler)
 
 
