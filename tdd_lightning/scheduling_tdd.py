@@ -273,6 +273,12 @@ class TDDScheduler(TDDSchedulerBase):
         self._step_index = None
         self._begin_index = None
 
+    @property
+    def grid_indices(self) -> torch.Tensor:
+        """The steps' positions on the training schedule's index grid: the timesteps themselves (as
+        ``TDDFlowScheduler.grid_indices``, whose timesteps are sigma * T)."""
+        return self.timesteps
+
     def step(
         self,
         model_output: torch.Tensor,

@@ -355,8 +355,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     from tdd_lightning.models.families import family_of_folder, get_family
 
-    family = a.family or family_of_folder(a.model) or "sdxl"
-    encoder = get_family(family).encoder_from_pretrained(a.model, dtype=DTYPES[a.dtype]).to(a.device)
+    family = get_family(a.family or family_of_folder(a.model))  # neither: the default family (SDXL)
+    encoder = family.encoder_from_pretrained(a.model, dtype=DTYPES[a.dtype]).to(a.device)
     res = None if not a.resolution else a.resolution[0] if len(a.resolution) == 1 else tuple(a.resolution[:2])
     meta = encode_shards(
         a.in_shards,

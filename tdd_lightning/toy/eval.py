@@ -30,6 +30,7 @@ import torch
 
 from tdd_lightning.errors import UserError
 from tdd_lightning.export import ROLES
+from tdd_lightning.strategies.guidance import UNCOND_CONVENTIONS
 from tdd_lightning.toy.runner import Grid, Student, run_grid, write_report
 
 
@@ -113,7 +114,7 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--uncond",
-        choices=["zeros", "empty_prompt"],
+        choices=list(UNCOND_CONVENTIONS),
         default=None,
         help="CFG's negative (default: the teacher family's: zeros for the UNet toy, \"\" for the flow toy)",
     )

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from tdd_lightning.pipelines import Setting
+from tdd_lightning.strategies.guidance import UNCOND_CONVENTIONS
 from tdd_lightning.toy.cache import TeacherCache
 from tdd_lightning.toy.data import labels_tensor, load_split
 from tdd_lightning.toy.metrics import agreement, classify, score
@@ -36,8 +37,8 @@ TimestepFn = Callable[[int], list[int]]
 
 def student_timesteps(scheduler) -> TimestepFn:
     """A TDDScheduler's or TDDFlowScheduler's K-step schedule as indices of the training schedule (its
-    trained grid; warnings for untrained K silenced). A flow scheduler's ``timesteps`` are sigma * T: its
-    ``grid_indices`` are the steps' indices."""
+    trained grid; warnings for untrained K silenced): its ``grid_indices`` (a flow scheduler's ``timesteps``
+    are sigma * T)."""
 
     def timesteps(k: int) -> list[int]:
         with warnings.catch_warnings():
@@ -46,8 +47,7 @@ def student_timesteps(scheduler) -> TimestepFn:
                 scheduler.set_timesteps(k, mu=0.0)  # the indices do not depend on the shift
             else:
                 scheduler.set_timesteps(k)
-        steps = getattr(scheduler, "grid_indices", None)
-        return [int(t) for t in (scheduler.timesteps if steps is None else steps)]
+        return [int(t) for t in scheduler.grid_indices]
 
     return timesteps
 
@@ -65,15 +65,13 @@ def teacher_family(teacher: str | Path):
     otherwise SDXL (the UNet toy teacher's)."""
     from tdd_lightning.models.families import family_of_folder, get_family
 
-    return get_family(family_of_folder(teacher) or "sdxl")
-
-
-UNCONDS = ("zeros", "empty_prompt")
+    return get_family(family_of_folder(teacher))  # no index: the default family, SDXL
 
 
 def check_uncond(uncond: str) -> str:
-    if uncond not in UNCONDS:
-        raise ValueError(f"uncond={uncond!r}: choose one of {', '.join(UNCONDS)} (CFG's negative condition)")
+    if uncond not in UNCOND_CONVENTIONS:
+        choices = ", ".join(UNCOND_CONVENTIONS)
+        raise ValueError(f"uncond={uncond!r}: choose one of {choices} (CFG's negative condition)")
     return uncond
 
 
@@ -143,7 +141,7 @@ class Suite:
     @property
     def teacher_name(self) -> str:
         """The teacher's rows: "teacher DDIM"; on a flow schedule the same sampler is Euler's."""
-        return "teacher Euler" if self.family.prediction_type({}) == "flow" else "teacher DDIM"
+        return "teacher Euler" if self.prediction_type == "flow" else "teacher DDIM"
 
     @property
     def captions(self) -> list[str]:
