@@ -55,7 +55,7 @@ toy-flow-data: $(TOY_FLOW_CACHE) ## the shapes data's latent cache for the toy f
 train-flow: $(STAMP) $(TOY_FLOW_CACHE) ## the flow-matching toy: TDD on models/toy-flow-teacher (experiment=toy_flux_tdd)
 	$(PY) train.py experiment=toy_flux_tdd $(ARGS)
 
-bench-toy: $(STAMP) $(TOY_CACHE) ## TDD/LCM/TCD/PCM students x 2 seeds + teacher -> docs/results/toy.md (~80 min on 2 cores)
+bench-toy: $(STAMP) $(TOY_CACHE) ## TDD/LCM/TCD/PCM x 2 seeds (toy_tdd_long) + the ablation sweeps -> docs/results/toy.md (~7 h on 2 cores; resumes)
 	$(PY) -m tdd_lightning.toy.bench $(ARGS)
 
 test: $(STAMP) ## the default test suite (fast; slow tests excluded)

@@ -308,9 +308,9 @@ class TDDScheduler(TDDSchedulerBase):
         t = int(self.timesteps[i])
         a_t, sigma_t = self._a_sigma(t, x)
         x0_hat, eps_hat = self._x0_eps(out, x, a_t, sigma_t)
-        if self._clips_at(i):
-            x0_hat = self._clip(x0_hat)
-            eps_hat = x0_to_eps(x, x0_hat, a_t, sigma_t)
+        clipped = self.clip_x0(i, x0_hat)
+        if clipped is not x0_hat:
+            x0_hat, eps_hat = clipped, x0_to_eps(x, clipped, a_t, sigma_t)
 
         if i == len(self.timesteps) - 1:
             prev = x0_hat  # the clean prediction, as LCM and TCD samplers end
@@ -347,6 +347,11 @@ class TDDScheduler(TDDSchedulerBase):
         """(x0_hat, eps_hat) from the model output for the configured prediction type."""
         eps, x0 = to_eps_x0(out, x, a_t, sigma_t, self.config.prediction_type)
         return x0, eps
+
+    def clip_x0(self, i: int, x0_hat: torch.Tensor) -> torch.Tensor:
+        """x0_hat at step ``i`` as ``step`` uses it: clipped during the first ``clip_steps`` steps when
+        clipping is configured, else the same tensor (``tdd_sample(clip_x0=...)`` samples the same way)."""
+        return self._clip(x0_hat) if self._clips_at(i) else x0_hat
 
     def _clips_at(self, i: int) -> bool:
         cfg = self.config

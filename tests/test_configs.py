@@ -91,6 +91,8 @@ def test_every_experiment_smoke_runs(experiment, tmp_path, tiny_overrides, tiny_
     ]  # fmt: skip
     if experiment.startswith("toy_"):  # the full evaluations: see test_toy_eval.py, test_toy_flow_eval.py
         overrides += ["~callbacks.toy_eval", "~callbacks.toy_curves"]
+    if experiment == "toy_tdd_long":  # its 50 warm-up steps must fit in the 2 steps (refused otherwise)
+        overrides += ["lr_scheduler.lr_lambda.warmup_steps=1"]
     cfg = compose_cfg(overrides, tmp_path / "out")
     metrics = train(cfg)
     assert metrics["global_step"] == 2 and metrics["train/loss"] > 0
@@ -157,7 +159,7 @@ def test_experiments_set_only_what_differs_from_the_callback_files(tmp_path):
 @pytest.mark.parametrize(
     "overrides, scale",
     [
-        (["experiment=toy_tdd"], 3.0),
+        (["experiment=toy_tdd"], 4.0),
         (["experiment=toy_tdd", "guidance.w=1.5"], 2.5),
         (["experiment=toy_tdd", "guidance.w=0"], 1.0),
         (["callbacks=toy"], 4.5),  # guidance=decoupled's own w = 3.5

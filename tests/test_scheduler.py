@@ -329,3 +329,26 @@ def test_stock_pipelines_custom_timesteps_and_img2img(tiny_components):
     out = run(img2img, image=image, strength=0.5, num_inference_steps=4)
     assert torch.isfinite(out).all() and img2img.scheduler.begin_index == 2
     assert img2img.scheduler.step_index == 4  # ran 499 -> 251 -> x0
+
+
+@pytest.mark.parametrize("eta", [0.0, 0.2])
+def test_tdd_sample_with_clip_x0_equals_the_clipping_scheduler(eta):
+    """The toy sampler (tdd_sample with the scheduler's clip_x0) samples as the scheduler's own loop does,
+    clipping included: the evaluation of a clipping ablation is the pipeline's sampling."""
+    from tdd_lightning.diffusion.sampling import tdd_sample
+
+    sched = TDDScheduler(clip_sample=True, clip_sample_range=1.5, clip_steps=2)
+    x = 3 * _x_T()
+    ref, denoised = sample(sched, steps=4, eta=eta, seed=5, x=x)
+    assert denoised[0].abs().max() <= 1.5 < denoised[3].abs().max()  # clipping acted, and only early
+    timesteps = [int(t) for t in sched.timesteps]
+    ours = tdd_sample(
+        lambda x_t, t: fake_eps(x_t, int(t[0])), x, timesteps, NoiseSchedule(sched.alphas_cumprod), eta=eta,
+        generator=torch.Generator().manual_seed(5), clip_x0=sched.clip_x0,
+    )  # fmt: skip
+    torch.testing.assert_close(ours, ref)
+    plain = tdd_sample(
+        lambda x_t, t: fake_eps(x_t, int(t[0])), x, timesteps, NoiseSchedule(sched.alphas_cumprod), eta=eta,
+        generator=torch.Generator().manual_seed(5),
+    )  # fmt: skip
+    assert (plain - ref).abs().max() > 1e-3  # without the hook: not the clipping scheduler's result

@@ -13,12 +13,13 @@ from collections.abc import Callable, Sequence
 import torch
 
 from tdd_lightning.diffusion.flow import FlowSchedule
-from tdd_lightning.diffusion.ops import ddim_jump
+from tdd_lightning.diffusion.ops import ddim_jump, x0_to_eps
 from tdd_lightning.diffusion.prediction import to_eps_x0
 from tdd_lightning.diffusion.schedule import NoiseSchedule
 
 EpsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 NoiseFn = Callable[[torch.Tensor, torch.Generator | None], torch.Tensor]
+ClipFn = Callable[[int, torch.Tensor], torch.Tensor]  # (step index, x0_hat) -> x0_hat, maybe clipped
 
 
 def tdd_sample(
@@ -30,19 +31,26 @@ def tdd_sample(
     generator: torch.Generator | None = None,
     prediction_type: str = "epsilon",
     randn: NoiseFn | None = None,
+    clip_x0: ClipFn | None = None,
 ) -> torch.Tensor:
     """Run the K steps of ``timesteps`` (descending) from noise ``x_T``; returns x0_hat.
 
     ``eps_fn`` returns the model output, of ``prediction_type`` (converted once per step to eps, x0).
     ``schedule``: a ``NoiseSchedule`` or a ``FlowSchedule`` (the same interface). ``randn(x, generator)``
     draws the re-noising noise (None: ``gaussian_like``; a flow family draws it in its packed token layout,
-    as its pipeline's scheduler sees the latents)."""
+    as its pipeline's scheduler sees the latents). ``clip_x0(i, x0_hat)`` clips x0_hat at step i (e.g.
+    ``TDDScheduler.clip_x0``: only during its first ``clip_steps`` steps); a clipped x0_hat gives eps
+    again from x_t, as the scheduler's step does."""
     x = x_T
     B = x.shape[0]
     for i, t_i in enumerate(timesteps):
         t = torch.full((B,), int(t_i), dtype=torch.long, device=x.device)
         a_t, sigma_t = schedule.a_sigma(t, x)
         eps, x0 = to_eps_x0(eps_fn(x, t), x, a_t, sigma_t, prediction_type)
+        if clip_x0 is not None:
+            clipped = clip_x0(i, x0)
+            if clipped is not x0:
+                x0, eps = clipped, x0_to_eps(x, clipped, a_t, sigma_t)
         if i == len(timesteps) - 1:
             return x0
         t_next = int(timesteps[i + 1])

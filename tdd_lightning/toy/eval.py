@@ -11,7 +11,9 @@ against the teacher family's negative (``--uncond``; zeros for the UNet toy teac
 from the same initial noise per sampling seed. The teacher runs DDIM with trailing spacing
 (``--teacher-steps``, ``--teacher-guidance``, eta 0). ``--teacher models/toy-flow-teacher`` evaluates
 students of the flow toy teacher (FLUX family): the same prompts and metrics; there "DDIM" at eta 0 is
-the Euler sampler of FluxPipeline's schedule.
+the Euler sampler of FluxPipeline's schedule. ``--scheduler KEY=VALUE`` changes the students' exported
+scheduler config for this evaluation (the ablations of make bench-toy: ``schedule=equidistant``, x0 clipping
+with ``clip_sample=true clip_sample_range=R clip_steps=T_L``).
 
 Writes ``<out>/table.md``, ``results.json`` (every cell), ``quality_vs_steps.png``,
 ``quality_vs_guidance.png`` (when several guidances) and ``grid.png``; logs them to wandb with ``--wandb``.
@@ -67,14 +69,43 @@ def group_students(specs: Sequence[str], seeds: Sequence[int], paired: bool, rol
     return students
 
 
-def load_student_unet(teacher: str, lora: Path, device: str = "cpu"):
+def scheduler_overrides(specs: Sequence[str]) -> dict:
+    """``KEY=VALUE`` specs -> {key: value}, each value read as YAML (true, 2.5, null, equidistant)."""
+    import yaml
+
+    out = {}
+    for spec in specs:
+        key, sep, raw = spec.partition("=")
+        if not sep or not key.strip():
+            raise UserError(f"--scheduler {spec!r}: write KEY=VALUE (e.g. schedule=equidistant)")
+        out[key.strip()] = yaml.safe_load(raw)
+    return out
+
+
+def with_config(scheduler, overrides: dict):
+    """``scheduler`` rebuilt with ``overrides`` on its config; a key it does not have, or a value it
+    refuses, is an error (diffusers alone would drop an unknown key with a warning)."""
+    if not overrides:
+        return scheduler
+    unknown = sorted(set(overrides) - set(scheduler.config))
+    if unknown:
+        keys = ", ".join(k for k in scheduler.config if not k.startswith("_"))
+        name = type(scheduler).__name__
+        raise UserError(f"--scheduler {', '.join(unknown)}: not in {name}'s config ({keys})")
+    try:
+        return type(scheduler).from_config(scheduler.config, **overrides)
+    except (TypeError, ValueError) as e:
+        raise UserError(f"--scheduler: {e}") from None
+
+
+def load_student_unet(teacher: str, lora: Path, device: str = "cpu", scheduler_config: dict | None = None):
     """The teacher's denoiser (a UNet, or a flow teacher's transformer) with the LoRA merged in (bare-model
-    speed) and its exported TDDScheduler (TDDFlowScheduler)."""
+    speed) and its exported TDDScheduler (TDDFlowScheduler), with ``scheduler_config`` on its config."""
     from tdd_lightning.pipelines import load_tdd_pipeline
 
     pipe = load_tdd_pipeline(teacher, lora, fuse=True, device=device)
     denoiser = pipe.transformer if hasattr(pipe, "transformer") else pipe.unet
-    return denoiser.eval(), pipe.scheduler
+    return denoiser.eval(), with_config(pipe.scheduler, scheduler_config or {})
 
 
 def log_wandb(paths: dict[str, Path], records: list[dict], project: str, name: str | None, out: Path) -> None:
@@ -136,6 +167,13 @@ def parser() -> argparse.ArgumentParser:
         action="store_true",
         help="the i-th student of a name samples with seeds[i] only (the teacher with all)",
     )
+    p.add_argument(
+        "--scheduler",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="students' scheduler config here (repeatable): schedule=equidistant, clip_steps=1",
+    )
     p.add_argument("--teacher-steps", type=int, nargs="*", default=[1, 2, 4, 8, 25, 50])
     p.add_argument("--teacher-guidance", type=float, default=3.0, help="teacher CFG (also for its reference)")
     p.add_argument("--ref-steps", type=int, default=50, help="teacher steps of the agreement reference")
@@ -163,14 +201,16 @@ def main(argv: list[str] | None = None) -> list[dict]:
     start = time.time()
     grid = Grid(a.steps, a.eta, a.guidance, a.seeds, a.guidance_steps, a.teacher_steps, a.teacher_guidance)
     students = group_students(a.student, a.seeds, a.paired_seeds, a.role)
+    overrides = scheduler_overrides(a.scheduler)
     suite = build_suite(a)
     records, columns = run_grid(
-        suite, students, grid, lambda st: load_student_unet(a.teacher, st.path, a.device)
+        suite, students, grid, lambda st: load_student_unet(a.teacher, st.path, a.device, overrides)
     )
     meta = {
         "n": a.n,
         "ref_steps": a.ref_steps,
         "ref_guidance": a.teacher_guidance,
+        "scheduler": overrides,
         "args": vars(a),
         "students": [asdict(s) | {"path": str(s.path)} for s in students],
     }

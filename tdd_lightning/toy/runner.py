@@ -75,8 +75,9 @@ def run_grid(
     for st in students:
         unet, scheduler = load(st)
         timesteps = student_timesteps(scheduler)
+        clip_x0 = getattr(scheduler, "clip_x0", None)  # its configured x0 clipping (off by default)
         for s in grid.student_settings(st.seeds):
-            res, images = suite.cell(unet, timesteps, s)
+            res, images = suite.cell(unet, timesteps, s, clip_x0=clip_x0)
             records.append({"model": st.name, "run": st.run, **asdict(s)} | res)
             log(_line(f"{st.name}#{st.run}", s, res))
             first = s.eta == grid.etas[0] and s.guidance == grid.guidances[0] and s.seed == st.seeds[0]

@@ -63,6 +63,7 @@ def sample_images(
     family=None,
     uncond_text: dict[str, torch.Tensor] | None = None,
     prediction_type: str | None = None,
+    clip_x0=None,
 ) -> torch.Tensor:
     """uint8 images [N, 3, 32, 32]: ``tdd_sample`` on ``timesteps`` (schedule indices, descending; eta 0:
     DDIM, on a flow schedule Euler) with CFG ``guidance``, then decode (images on the CPU). The re-noising
@@ -73,7 +74,8 @@ def sample_images(
     forward; ``prediction_type`` is the denoiser's (None: the family's default, eps for SDXL). CFG is
     standard (out_u + g (out_c - out_u)) against ``uncond_text`` (None: the zeros condition; else the
     encoded "") from one batched forward [conditional | unconditional] per step
-    (``ModelFamily.cfg_outputs``); g = 1 runs the conditional alone."""
+    (``ModelFamily.cfg_outputs``); g = 1 runs the conditional alone. ``clip_x0``: ``tdd_sample``'s x0 clipping
+    (a student's ``TDDScheduler.clip_x0``; None: none)."""
     from tdd_lightning.models.encoder import decode_latents
     from tdd_lightning.models.families.sdxl import SDXL
 
@@ -100,7 +102,7 @@ def sample_images(
 
             x0 = tdd_sample(
                 out_fn, x_T[i : i + batch_size], timesteps, schedule, eta=eta, generator=generator,
-                prediction_type=prediction_type, randn=family.randn_like,
+                prediction_type=prediction_type, randn=family.randn_like, clip_x0=clip_x0,
             )  # fmt: skip
             out.append(to_uint8(decode_latents(vae, x0).float()).cpu())
     return torch.cat(out)

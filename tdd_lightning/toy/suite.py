@@ -177,8 +177,11 @@ class Suite:
         return self._refs[seed]
 
     # ---- cells ----------------------------------------------------------------------------------
-    def images(self, unet, timesteps: Sequence[int], s: Setting, count: int | None = None) -> torch.Tensor:
-        """Samples of the first ``count`` prompts (default all n); at eta 0 the same images either way."""
+    def images(
+        self, unet, timesteps: Sequence[int], s: Setting, count: int | None = None, clip_x0=None
+    ) -> torch.Tensor:
+        """Samples of the first ``count`` prompts (default all n); at eta 0 the same images either way.
+        ``clip_x0``: the sampler's x0 clipping (``sample_images``)."""
         x_T = initial_noise(self.n, s.seed)[:count].to(
             self.device
         )  # drawn on the CPU: the same on any device
@@ -186,13 +189,15 @@ class Suite:
         return sample_images(
             unet, self.vae, cond, x_T, list(timesteps), s.guidance, self.schedule, eta=s.eta, seed=s.seed,
             progress=self.progress, family=self.family, uncond_text=self.uncond_text,
-            prediction_type=self.prediction_type,
+            prediction_type=self.prediction_type, clip_x0=clip_x0,
         )  # fmt: skip
 
-    def cell(self, unet, timesteps: TimestepFn, s: Setting) -> tuple[dict[str, float], torch.Tensor]:
-        """Metrics of one model at one setting (and its images, for grids)."""
+    def cell(
+        self, unet, timesteps: TimestepFn, s: Setting, clip_x0=None
+    ) -> tuple[dict[str, float], torch.Tensor]:
+        """Metrics of one model at one setting (and its images, for grids); ``clip_x0`` as ``images``."""
         t0 = time.time()
-        images = self.images(unet, timesteps(s.steps), s)
+        images = self.images(unet, timesteps(s.steps), s, clip_x0=clip_x0)
         preds, feats = classify(self.evaluator, images)
         res = score(preds, feats, self.labels, self.real_feats)
         res["agree"] = agreement(feats, self.reference_features(s.seed))
