@@ -100,3 +100,22 @@ def test_eval_cli_refuses_an_unknown_scheduler_key(tmp_path):
     cmd = [sys.executable, "-m", "tdd_lightning.toy.eval", "--student", f"X={lora}", "--scheduler", "nope"]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=Path(__file__).parents[1])
     assert out.returncode == 1 and "KEY=VALUE" in out.stderr
+
+
+def test_bench_page_holds_the_ablation_sections_after_the_cells():
+    from tdd_lightning.toy.bench import page
+
+    meta = {
+        "argv": [], "machine": "2 CPU cores", "train_minutes": [27.0, 26.0], "eval_minutes": 20.0,
+        "experiment": "toy_tdd_long", "budget": "1800 steps", "seeds": [0, 1], "targets": "- t",
+        "ablations": ["### s_ratio\n\n| s_ratio |", "### schedule\n\n| sampler |"],
+    }  # fmt: skip
+    text = page("| cells |", meta, [])
+    assert "`experiment=toy_tdd_long` (1800 steps)" in text and "53 min (26.0 to 27.0 min each)" in text
+    assert (
+        text.index("## All cells")
+        < text.index("## Ablations")
+        < text.index("### s_ratio")
+        < text.index("### schedule")
+    )
+    assert "## Ablations" not in page("| cells |", meta | {"ablations": []}, [])
