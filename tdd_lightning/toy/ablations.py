@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tdd_lightning.checkpoint_io import atomic_write
+from tdd_lightning.toy.report import aggregate, cell_text, find_row
 
 ROOT = Path(__file__).resolve().parents[2]
 EXPERIMENT = "toy_tdd"  # the ablations' budget: the make-train recipe (one job ~9 min on 2 cores)
@@ -142,23 +143,14 @@ def train_sweep(sw: Sweep, seeds: Sequence[int], runs: Path, extra: Sequence[str
 
 
 def cells(eval_args: Sequence[str]) -> list[tuple[int, float, float]]:
-    """(steps, eta, guidance) of each table column: guidances past the first at the first eta only, as the
-    evaluation grid runs them."""
-    groups, key = {"--steps": [], "--eta": ["0.2"], "--guidance": ["1"]}, None
-    for arg in eval_args:
-        if arg in groups:
-            key, groups[arg] = arg, []
-        else:
-            groups[key].append(arg)
-    steps, etas, gs = (list(map(float, groups[k])) for k in ("--steps", "--eta", "--guidance"))
-    out = [(int(k), e, 1.0 if not gs else gs[0]) for e in etas for k in steps]
-    return out + [(int(k), etas[0], g) for g in gs[1:] for k in steps]
+    """(steps, eta, guidance) of each table column, in the order the evaluation runs them: ``eval_args``
+    read by toy.eval's own parser (its defaults), the cells from its ``Grid``."""
+    from tdd_lightning.toy.eval import parser
+    from tdd_lightning.toy.runner import Grid
 
-
-def _pm(r: dict, metric: str, digits: int) -> str:
-    """'mean ± std' (just the mean for a single run, whose std is nan)."""
-    mean, std = r[metric], r.get(metric + "_std", float("nan"))
-    return f"{mean:.{digits}f}" if std != std else f"{mean:.{digits}f} ± {std:.{digits}f}"
+    a, _ = parser().parse_known_args(list(eval_args))
+    grid = Grid(a.steps, a.eta, a.guidance, [0], a.guidance_steps)
+    return [(s.steps, s.eta, s.guidance) for s in grid.student_settings([0])]
 
 
 def table(rows: list[dict], labels: Sequence[str], eval_args: Sequence[str], label_name: str) -> str:
@@ -172,19 +164,18 @@ def table(rows: list[dict], labels: Sequence[str], eval_args: Sequence[str], lab
     for label in labels:
         out = []
         for k, eta, g in cols:
-            r = next(
-                (r for r in rows if (r["model"], r["steps"], r["eta"], r["guidance"]) == (label, k, eta, g)),
-                None,
+            r = find_row(rows, label, k, eta, g)
+            out.append(
+                "n/a"
+                if r is None
+                else f"{cell_text(r, 'prompt_acc', '{:.3f}')} / {cell_text(r, 'fd', '{:.1f}')}"
             )
-            out.append("n/a" if r is None else f"{_pm(r, 'prompt_acc', 3)} / {_pm(r, 'fd', 1)}")
         lines.append(f"| {label} | " + " | ".join(out) + " |")
     return "\n".join(lines)
 
 
 def rows_of(eval_dir: Path, model: str | None = None, label: str | None = None) -> list[dict]:
     """The aggregated rows of an evaluation (of one ``model``, relabelled ``label``; default all)."""
-    from tdd_lightning.toy.report import aggregate
-
     rows = aggregate(json.loads((eval_dir / "results.json").read_text())["records"])
     if model is not None:
         rows = [r | {"model": label or model} for r in rows if r["model"] == model]

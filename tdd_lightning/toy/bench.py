@@ -26,6 +26,7 @@ from pathlib import Path
 from tdd_lightning.checkpoint_io import atomic_write
 from tdd_lightning.toy import ablations
 from tdd_lightning.toy.ablations import evaluate_once, read_json
+from tdd_lightning.toy.report import find_row
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -84,13 +85,6 @@ def budget(run: Path) -> str:
     )
 
 
-def _row(rows: list[dict], model: str, steps: int, eta: float, guidance: float) -> dict | None:
-    for r in rows:
-        if (r["model"], r["steps"], r["eta"], r["guidance"]) == (model, steps, eta, guidance):
-            return r
-    return None
-
-
 def _fmt(r: dict | None, m: str) -> str:
     if r is None:
         return "n/a"
@@ -99,13 +93,13 @@ def _fmt(r: dict | None, m: str) -> str:
 
 def targets(rows: list[dict], eta: float, teacher: str = "teacher DDIM", teacher_g: float = 3.0) -> str:
     """The issue's targets, checked on the aggregated rows (students at ``eta``, CFG 1)."""
-    t50, t4, t8 = (_row(rows, teacher, k, 0.0, teacher_g) for k in (50, 4, 8))
+    t50, t4, t8 = (find_row(rows, teacher, k, 0.0, teacher_g) for k in (50, 4, 8))
     out = []
 
     def verdict(ok: bool) -> str:
         return "**met**" if ok else "**missed**"
 
-    tdd4 = _row(rows, "TDD", 4, eta, 1.0)
+    tdd4 = find_row(rows, "TDD", 4, eta, 1.0)
     if tdd4 and t50 and t4:
         acc_ratio, fd_ratio = tdd4["prompt_acc"] / t50["prompt_acc"], tdd4["fd"] / t50["fd"]
         out.append(
@@ -119,7 +113,7 @@ def targets(rows: list[dict], eta: float, teacher: str = "teacher DDIM", teacher
             f"- TDD at 4 steps vs the teacher's own 4-step DDIM ({_fmt(t4, 'prompt_acc')}, FD "
             f"{_fmt(t4, 'fd')}): better on both {verdict(better)}."
         )
-    tdd8 = _row(rows, "TDD", 8, eta, 1.0)
+    tdd8 = find_row(rows, "TDD", 8, eta, 1.0)
     if tdd8 and t8:
         ok = tdd8["prompt_acc"] >= t8["prompt_acc"] and tdd8["fd"] <= t8["fd"]
         out.append(
@@ -128,9 +122,9 @@ def targets(rows: list[dict], eta: float, teacher: str = "teacher DDIM", teacher
             f"on both: {verdict(ok)})."
         )
     for k in (4, 8):
-        tdd = _row(rows, "TDD", k, eta, 1.0)
+        tdd = find_row(rows, "TDD", k, eta, 1.0)
         for other in ("LCM", "TCD", "PCM"):
-            o = _row(rows, other, k, eta, 1.0)
+            o = find_row(rows, other, k, eta, 1.0)
             if tdd is None or o is None:
                 continue
             ok = tdd["prompt_acc"] > o["prompt_acc"] and tdd["fd"] < o["fd"]
@@ -140,7 +134,7 @@ def targets(rows: list[dict], eta: float, teacher: str = "teacher DDIM", teacher
                 f"FD {_fmt(tdd, 'fd')} vs {_fmt(o, 'fd')}: TDD better on both {verdict(ok)}."
             )
     for k in (4, 8):  # decoupled guidance (p_empty 0.2): inference CFG should help; p_empty 0: the ablation
-        g1, g2 = _row(rows, "TDD", k, eta, 1.0), _row(rows, "TDD", k, eta, 2.0)
+        g1, g2 = find_row(rows, "TDD", k, eta, 1.0), find_row(rows, "TDD", k, eta, 2.0)
         if g1 is None or g2 is None:
             continue
         improves = g2["prompt_acc"] > g1["prompt_acc"]  # judged on prompt accuracy; FD shown

@@ -35,6 +35,11 @@ def aggregate(records: Iterable[dict]) -> list[dict]:
     return rows
 
 
+def find_row(rows: Sequence[dict], model: str, steps: int, eta: float, guidance: float) -> dict | None:
+    """The aggregated row of one cell (``KEY``), or None when it was not evaluated."""
+    return next((r for r in rows if tuple(r[k] for k in KEY) == (model, steps, eta, guidance)), None)
+
+
 def cell_text(row: dict, metric: str, fmt: str) -> str:
     if metric not in row or math.isnan(row[metric]):
         return "-"
