@@ -50,6 +50,7 @@ def to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
     )
 
 
+LOSS_SPACES = ("x_s", "x0")  # module.loss_on: what the loss compares (docs/ALGORITHM.md section 2, item 8)
 MIN_STEPS_FOR_FRACTION = 20  # the skipped fraction is judged mid-run only after this many steps
 
 
@@ -97,6 +98,9 @@ class TDDModule(AdversarialSteps, L.LightningModule):
             row whose loss or gradient was not finite; each such step is skipped and counted.
         adversarial: the adversarial term (Hydra group ``adversarial``; None or ``NoAdversarial``: off).
             When on, the step is ``adversarial.AdversarialSteps``'s (manual optimisation, two optimizers).
+        loss_on: ``x_s`` (the method): the loss compares the student's and the target's points at s;
+            ``x0``: it compares their x0 predictions (the student's at t, the target's at t') instead, an
+            ablation (toy_convergence.md). The adversarial term always sees the points at s.
     """
 
     def __init__(
@@ -114,6 +118,7 @@ class TDDModule(AdversarialSteps, L.LightningModule):
         snapshot_every: int = 100,
         eval_ema_decay: float = 0.0,
         adversarial: Adversarial | None = None,
+        loss_on: str = "x_s",
     ):
         super().__init__()
         self.model_config = ModelConfig.coerce(model)
@@ -124,6 +129,7 @@ class TDDModule(AdversarialSteps, L.LightningModule):
         check_int("max_nonfinite_steps", max_nonfinite_steps)
         check_number("max_nonfinite_fraction", max_nonfinite_fraction, 0.0, 1.0)
         check_int("snapshot_every", snapshot_every)
+        check(loss_on in LOSS_SPACES, "loss_on", loss_on, f"one of {', '.join(LOSS_SPACES)}")
         ema_decay, seed, max_nonfinite_steps = float(ema_decay), int(seed), int(max_nonfinite_steps)
         if ema_decay == 1.0:  # allowed (a frozen-target ablation), but almost always a slip for 0.999...
             rank_zero_warn("module.ema_decay=1.0: the EMA target never moves (it stays the initial LoRA)")
@@ -136,6 +142,7 @@ class TDDModule(AdversarialSteps, L.LightningModule):
         self.adversarial = adversarial if adversarial is not None else NoAdversarial()
         self.optimizer_factory, self.lr_scheduler_factory = optimizer, lr_scheduler
         self.ema_decay, self.seed, self.eval_ema_decay = ema_decay, seed, float(eval_ema_decay)
+        self.loss_on = loss_on
         self.save_hyperparameters(
             {
                 "model": self.model_cfg,
@@ -145,6 +152,7 @@ class TDDModule(AdversarialSteps, L.LightningModule):
                 "loss": loss.describe(),
                 "ema_decay": ema_decay,
                 "eval_ema_decay": self.eval_ema_decay,
+                "loss_on": loss_on,
                 "seed": seed,
                 **inference_hparams(target_selection, guidance),  # what the exported LoRA carries
                 **({"adversarial": self.adversarial.describe()} if self.adversarial.enabled else {}),
@@ -346,9 +354,10 @@ class TDDModule(AdversarialSteps, L.LightningModule):
                 eps_tg, x0_tg = to_eps_x0(out, x_tp, a_tp, sigma_tp, kind)
                 target = ts.consistency(x_tp, eps_tg, t_prev, s, schedule, x0=x0_tg)
 
-        # 8. loss
-        loss = self.distill_loss(pred, target)
+        # 8. loss: on the points at s (the method), or on the two x0 predictions (an ablation)
+        loss = self.distill_loss(pred, target) if self.loss_on == "x_s" else self.distill_loss(x0_s, x0_tg)
         out = {"loss": loss, "t": t, "s": s, "w": w, "dropped": drop}
+        out |= {"x0_pred": x0_s, "x0_target": x0_tg}
         return out | {"pred": pred, "target": target, "cond": c}  # what the adversarial term reuses
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:

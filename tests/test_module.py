@@ -162,3 +162,41 @@ def test_gradient_clipping_really_clips(tiny_sdxl_dir):
     clipped = _fit_one_step(tiny_sdxl_dir, clip=1e-4)
     assert unclipped > 1e-3
     assert clipped == pytest.approx(1e-4, rel=1e-3)
+
+
+def test_loss_on_x0_compares_the_x0_predictions(tiny_sdxl_dir, batch):
+    """loss_on=x0: the loss is the student's x0 at t against the target's at t', by hand from the UNet
+    outputs; the same seed with loss_on=x_s gives the points at s, which differ from the x0s."""
+    m = make_module(tiny_sdxl_dir)
+    perturb(m.roles.student_params + m.roles.target_params)
+    calls = []
+    handle = m.unet.register_forward_hook(
+        lambda mod, args, kwargs, out: calls.append((args[0], args[1], out.sample)), with_kwargs=True
+    )
+    m.loss_on = "x0"
+    out = m.distillation_loss(batch, torch.Generator().manual_seed(3))
+    handle.remove()
+    (x_t, t_in, eps_student), _, (x_tp, tp_in, eps_target) = calls  # student, teacher (CFG batched), target
+    a_t, sigma_t = m.schedule.a_sigma(out["t"], x_t)
+    x0_by_hand = (x_t - sigma_t * eps_student) / a_t
+    torch.testing.assert_close(out["x0_pred"], x0_by_hand, rtol=1e-5, atol=1e-5)
+    t_prev = (out["t"] - m.target_selection.k).clamp(min=0)
+    a_tp, sigma_tp = m.schedule.a_sigma(t_prev, x_tp)
+    torch.testing.assert_close(out["x0_target"], (x_tp - sigma_tp * eps_target) / a_tp, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out["loss"], PseudoHuberLoss()(x0_by_hand, out["x0_target"]))
+    m.loss_on = "x_s"
+    same = m.distillation_loss(batch, torch.Generator().manual_seed(3))
+    torch.testing.assert_close(same["loss"], PseudoHuberLoss()(same["pred"], same["target"]))
+    assert (same["loss"] - out["loss"]).abs() > 1e-4
+
+
+def test_loss_on_must_be_a_known_space(tiny_sdxl_dir):
+    with pytest.raises(Exception, match="loss_on"):
+        TDDModule(
+            model={"pretrained": str(tiny_sdxl_dir)},
+            target_selection=TDDSelection(),
+            guidance=DecoupledGuidance(),
+            loss=PseudoHuberLoss(),
+            optimizer=functools.partial(torch.optim.AdamW, lr=1e-3),
+            loss_on="eps",
+        )
