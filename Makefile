@@ -35,6 +35,7 @@ TOY_CACHE   := data/cache/toy-teacher/train/meta.json
 TOY_FLOW_CACHE := data/cache/toy-flow-teacher/train/meta.json
 
 train: $(STAMP) $(TOY_CACHE) ## the main job: CPU toy distillation of models/toy-teacher (experiment=toy_tdd)
+	$(PY) -m tdd_lightning.toy.warm experiment=toy_tdd $(ARGS)   # the teacher's cells, once per machine
 	$(PY) train.py experiment=toy_tdd $(ARGS)
 
 $(TOY_SHAPES): | $(STAMP)

@@ -303,3 +303,50 @@ def test_renoising_draws_are_independent_of_the_initial_noise(monkeypatch):
     assert abs(float(corr)) < 0.05  # 4096 draws: independent streams
     again = torch.randn(x_T.shape, generator=torch.Generator().manual_seed(sampling.renoise_seed(3)))
     assert torch.equal(seen["z"], again)  # still a function of the sampling seed: cells are reproducible
+
+
+def test_warm_caches_exactly_the_cells_the_run_reads(toy_data, tmp_path):
+    """``toy.warm`` samples the teacher cells of the composed run config; a suite built as the callback
+    builds it then reads every one from the cache, equal to the same cells computed without a cache."""
+    from tdd_lightning.pipelines import Setting
+    from tdd_lightning.toy.callback import ToyEvaluation, teacher_suite
+
+    shapes, _ = toy_data
+    cache = tmp_path / "cache"
+    common = ["n=16", "seed=5", f"cache_dir={cache}", f"data={shapes}"]
+    overrides = [
+        "experiment=toy_tdd", "callbacks.toy_eval.teacher_steps=[2,4]",
+        "callbacks.toy_curves.teacher_steps=3",
+        *[f"callbacks.toy_eval.{kv}" for kv in common], *[f"callbacks.toy_curves.{kv}" for kv in common],
+    ]  # fmt: skip
+    cmd = [sys.executable, "-m", "tdd_lightning.toy.warm", *overrides]
+    env = {**os.environ, "TDD_ROOT": str(ROOT)}
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "toy_eval: teacher cells ready" in out.stdout and "toy_curves: teacher cells ready" in out.stdout
+    # cells of 2 and 4 steps; references: 4 steps (the table's) and 3 steps (the curves')
+    assert len(list(cache.glob("*.json"))) == 2 and len(list(cache.glob("*.pt"))) == 2
+
+    evaluation = ToyEvaluation(
+        str(ROOT / "models/toy-evaluator"), str(shapes), teacher_steps=[2, 4], teacher_guidance=4.0,
+        n=16, seed=5, cache_dir=str(cache), progress=False,
+    )  # fmt: skip
+    kwargs = evaluation.suite_kwargs()
+    inputs = (str(TEACHER), "zeros", evaluation.evaluator, str(shapes))
+    warmed, fresh = teacher_suite(*inputs, **kwargs), teacher_suite(*inputs, **kwargs | {"cache_dir": None})
+    for s in evaluation.grid().teacher_settings():
+        cached, images = warmed.teacher_cell(s)
+        assert images is None and cached["seconds"] == 0.0  # read, not sampled
+        computed, _ = fresh.teacher_cell(s)
+        for m in ("prompt_acc", "fd", "agree"):
+            assert cached[m] == pytest.approx(computed[m], rel=1e-6, abs=1e-9), (s, m)
+    assert s == Setting(2, 0.0, 4.0, 5)  # the reference (4 steps) came first
+
+
+def test_warm_without_toy_callbacks_or_with_a_typo():
+    cmd = [sys.executable, "-m", "tdd_lightning.toy.warm", "model=tiny"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert out.returncode == 0 and "nothing to warm" in out.stdout, out.stderr[-2000:]
+    cmd = [sys.executable, "-m", "tdd_lightning.toy.warm", "experiment=toy_tdd", "callbacks.toy_eval.nn=3"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert out.returncode == 1 and "callbacks.toy_eval.nn" in out.stderr and "Traceback" not in out.stderr

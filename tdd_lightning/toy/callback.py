@@ -49,6 +49,13 @@ def module_suite(pl_module, evaluator, data, **kwargs):
     )  # fmt: skip
 
 
+def teacher_suite(teacher: str, uncond: str | None, evaluator, data, **kwargs):
+    """``module_suite`` before there is a module (``toy.warm``): the teacher folder and CFG's negative."""
+    from tdd_lightning.toy.suite import Suite
+
+    return Suite.from_teacher(Path(teacher), evaluator, data, uncond=uncond, **kwargs)
+
+
 def check_toy_inputs(evaluator: str, data: str, node: str) -> None:
     """Fail at the start of a run, not after training, if the evaluator or the held-out data is missing."""
     if not Path(evaluator, "config.json").is_file():
@@ -94,24 +101,14 @@ class ToyEvaluation(L.Callback):
             return
         self.table = self.evaluate(trainer, pl_module)
 
-    @torch.no_grad()
-    def evaluate(self, trainer, pl_module) -> str:
-        from tdd_lightning.toy.runner import Grid, Student, run_grid, write_report
+    def suite_kwargs(self) -> dict:
+        return {"n": self.n, "ref_steps": max(self.teacher_steps), "ref_guidance": self.teacher_guidance,
+                "cache_dir": self.cache_dir, "progress": self.progress}  # fmt: skip
 
-        teacher_dir = Path(pl_module.model_cfg["pretrained"])
-        suite = module_suite(
-            pl_module,
-            self.evaluator,
-            self.data,
-            n=self.n,
-            ref_steps=max(self.teacher_steps),
-            ref_guidance=self.teacher_guidance,
-            cache_dir=self.cache_dir,
-            progress=self.progress,
-        )
-        selection = pl_module.hparams["target_selection"]
-        scheduler = recorded_scheduler(pl_module)
-        grid = Grid(
+    def grid(self):
+        from tdd_lightning.toy.runner import Grid
+
+        return Grid(
             self.steps,
             self.etas,
             [self.guidance],
@@ -120,6 +117,24 @@ class ToyEvaluation(L.Callback):
             self.teacher_steps,
             self.teacher_guidance,
         )
+
+    @torch.no_grad()
+    def warm(self, teacher: str, uncond: str | None) -> None:
+        """Sample and cache the teacher's cells (``toy.warm``): the run's table then only reads them."""
+        check_toy_inputs(self.evaluator, self.data, "toy_eval")
+        suite = teacher_suite(teacher, uncond, self.evaluator, self.data, **self.suite_kwargs())
+        for s in self.grid().teacher_settings():
+            suite.teacher_cell(s)
+
+    @torch.no_grad()
+    def evaluate(self, trainer, pl_module) -> str:
+        from tdd_lightning.toy.runner import Student, run_grid, write_report
+
+        teacher_dir = Path(pl_module.model_cfg["pretrained"])
+        suite = module_suite(pl_module, self.evaluator, self.data, **self.suite_kwargs())
+        selection = pl_module.hparams["target_selection"]
+        scheduler = recorded_scheduler(pl_module)
+        grid = self.grid()
         name = f"{selection.get('name', 'student').upper()} {self.role}"
         student = Student(name, Path("."), 0, [self.seed])
         unet = pl_module.unet

@@ -30,6 +30,7 @@ from tdd_lightning.toy.callback import (
     metric_key,
     module_suite,
     recorded_scheduler,
+    teacher_suite,
 )
 
 METRICS = ("prompt_acc", "fd", "agree")
@@ -91,19 +92,23 @@ class ToyQualityCurves(L.Callback):
             self.write(Path(self.out_dir or trainer.default_root_dir), trainer)
 
     # ---- evaluation -----------------------------------------------------------------------------------
+    def suite_kwargs(self) -> dict:
+        return {"n": self.n, "ref_steps": self.teacher_steps, "ref_guidance": self.teacher_guidance,
+                "cache_dir": self.cache_dir, "progress": False}  # fmt: skip
+
     def suite(self, pl_module):
         if self._suite is None:
-            self._suite = module_suite(
-                pl_module,
-                self.evaluator,
-                self.data,
-                n=self.n,
-                ref_steps=self.teacher_steps,
-                ref_guidance=self.teacher_guidance,
-                cache_dir=self.cache_dir,
-                progress=False,
-            )
+            self._suite = module_suite(pl_module, self.evaluator, self.data, **self.suite_kwargs())
         return self._suite
+
+    @torch.no_grad()
+    def warm(self, teacher: str, uncond: str | None) -> None:
+        """Sample and cache the agreement reference (``toy.warm``): the curves then only read it."""
+        check_toy_inputs(self.evaluator, self.data, "toy_curves")
+        suite = teacher_suite(
+            teacher, uncond, self.evaluator, self.data, **{**self.suite_kwargs(), "progress": True}
+        )
+        suite.reference_features(self.seed)
 
     @torch.no_grad()
     def evaluate(self, trainer, pl_module) -> dict[str, float] | None:

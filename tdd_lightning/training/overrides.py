@@ -58,7 +58,7 @@ def first_of_sweeps(overrides: Sequence[str]) -> list[str]:
     return out
 
 
-def _compose(config_dir: str, config_name: str, overrides: list[str]):
+def compose(config_dir: str, config_name: str, overrides: list[str]):
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
@@ -83,7 +83,7 @@ def precheck(argv: Sequence[str], config_dir: str, config_name: str) -> None:
         return
     try:
         overrides = first_of_sweeps(overrides)
-        _compose(config_dir, config_name, overrides)
+        compose(config_dir, config_name, overrides)
         return
     except ConfigCompositionException as e:
         cause = e.__cause__
@@ -97,7 +97,7 @@ def precheck(argv: Sequence[str], config_dir: str, config_name: str) -> None:
     rest = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") != full_key]
     parent = full_key.rpartition(".")[0]
     try:
-        cfg = _compose(config_dir, config_name, rest)
+        cfg = compose(config_dir, config_name, rest)
         node = OmegaConf.select(cfg, parent) if parent else cfg
     except Exception:
         node = None
