@@ -12,6 +12,8 @@ with it carries (grid, step range, trained s_ratio, recommended steps and eta).
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 
 from tdd_lightning.diffusion import (
@@ -32,6 +34,11 @@ class TargetSelection:
 
     name = "base"
     parameterisation = "ddim"
+
+    def __new__(cls, *args, **kwargs):
+        self = super().__new__(cls)
+        self._init_args = (args, kwargs)  # for with_grid: the same strategy on another teacher grid
+        return self
 
     def __init__(self, num_teacher_steps: int = 250, num_train_timesteps: int = 1000):
         check(
@@ -80,6 +87,14 @@ class TargetSelection:
 
     def describe(self) -> dict:
         return {"name": self.name, "N": self.N, "parameterisation": self.parameterisation}
+
+    def with_grid(self, num_teacher_steps: int) -> TargetSelection:
+        """The same strategy, built with the same arguments, on a teacher grid of ``num_teacher_steps``
+        (a coarse-to-fine schedule of N: ``training.callbacks.TeacherGridSchedule``)."""
+        args, kwargs = self._init_args
+        bound = inspect.signature(type(self).__init__).bind(self, *args, **kwargs).arguments
+        bound.pop("self")
+        return type(self)(**{**bound, "num_teacher_steps": num_teacher_steps})
 
 
 class TDDSelection(TargetSelection):
