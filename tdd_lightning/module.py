@@ -31,6 +31,7 @@ from tdd_lightning.models.dtypes import DTYPES
 from tdd_lightning.models.families import get_family
 from tdd_lightning.models.families.base import check_keys
 from tdd_lightning.models.roles import STUDENT, TARGET, LoRARoles, grad_norm, warmup_decay
+from tdd_lightning.models.w_conditioning import COND_PROJ, add_w_embedding, w_embedding_dim
 from tdd_lightning.strategies import (
     Adversarial,
     DistillationLoss,
@@ -212,13 +213,20 @@ class TDDModule(AdversarialSteps, L.LightningModule):
         except ValueError as e:
             raise ConfigError("prediction_type", self.prediction_type, str(e)) from None
         self.unet = unet
+        targets = list(lora.target_modules or self.family.lora_targets)
+        if cfg.w_embedding_dim is not None:  # LCM-style w-conditioning: a zero w embedding, with a LoRA
+            if not hasattr(unet, "time_embedding") or self.guidance.embedded:
+                allowed = "a UNet family (sdxl, sd15) with guidance=decoupled or lcm_range"
+                raise ConfigError("model.w_embedding_dim", cfg.w_embedding_dim, allowed)
+            add_w_embedding(unet, int(cfg.w_embedding_dim))
+            targets.append(COND_PROJ)
         with torch.random.fork_rng(devices=[]):  # LoRA init depends on the seed only, not on the code path
             torch.manual_seed(self.seed)
             self.roles = LoRARoles(
                 unet,
                 rank=int(lora.rank),
                 alpha=lora.alpha,
-                target_modules=lora.target_modules or self.family.lora_targets,
+                target_modules=targets,
                 fused=bool(lora.fused),
                 eval_ema=self.eval_ema_decay > 0,
             )
@@ -318,6 +326,7 @@ class TDDModule(AdversarialSteps, L.LightningModule):
         c = replace_where(drop, c, u)
         if self.guidance.embedded:  # w is the denoiser's guidance input, for teacher, student and target
             c = {**c, "guidance": w}
+        c_w = {**c, "guidance": w} if self.model_config.w_embedding_dim else c  # w-conditioned LoRA roles
 
         # 3. start time t on the teacher grid, teacher end time t', noisy latent x_t
         t_global, t_prev_global = ts.sample_times(B_global, host)
@@ -333,7 +342,7 @@ class TDDModule(AdversarialSteps, L.LightningModule):
         # 5. student (LoRA on, with gradients): its output as (eps, x0) at t, then the jump t -> s
         kind = self.prediction_type
         with roles.role(STUDENT) as unet:
-            eps_s, x0_s = to_eps_x0(family.denoise(unet, x_t, t_in, c).float(), x_t, a_t, sigma_t, kind)
+            eps_s, x0_s = to_eps_x0(family.denoise(unet, x_t, t_in, c_w).float(), x_t, a_t, sigma_t, kind)
             pred = ts.consistency(x_t, eps_s, t, s, schedule, x0=x0_s)
 
         with torch.no_grad():
@@ -350,7 +359,7 @@ class TDDModule(AdversarialSteps, L.LightningModule):
 
             # 7. target (EMA LoRA): jump t' -> s
             with roles.role(TARGET) as unet:
-                out = family.denoise(unet, x_tp, t_prev_in, c).float()
+                out = family.denoise(unet, x_tp, t_prev_in, c_w).float()
                 eps_tg, x0_tg = to_eps_x0(out, x_tp, a_tp, sigma_tp, kind)
                 target = ts.consistency(x_tp, eps_tg, t_prev, s, schedule, x0=x0_tg)
 
@@ -511,7 +520,8 @@ class TDDModule(AdversarialSteps, L.LightningModule):
         latents: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """K-step sampling from the training grid's schedule; standard CFG with u as the negative. With
-        ``guidance=embedded`` a ``cond`` without ``guidance`` gets the strategy's recommended w."""
+        ``guidance=embedded`` a ``cond`` without ``guidance`` gets the strategy's recommended w; a
+        w-conditioned student (``model.w_embedding_dim``) gets w = ``guidance_scale`` - 1 and no CFG."""
         unet, family, schedule = self.unet, self.family, self.schedule
         B = family.batch_size(cond)
         if latents is None:
@@ -522,6 +532,9 @@ class TDDModule(AdversarialSteps, L.LightningModule):
         if self.guidance.embedded and "guidance" not in cond:
             w = self.guidance.recommended_guidance_scale()
             cond = {**cond, "guidance": torch.full((B,), w, device=latents.device)}
+        if w_embedding_dim(unet) is not None:  # w-conditioned: the scale 1 + w is its input, not a CFG
+            cond = {**cond, "guidance": torch.full((B,), guidance_scale - 1.0, device=latents.device)}
+            guidance_scale = 1.0
         u = family.unconditional_like(cond, self.uncond_text)
 
         def denoise(x, t, c):

@@ -78,6 +78,10 @@ class ModelConfig:
         build_if_missing: call ``builder`` to write ``pretrained`` when that folder has no UNet.
         builder: dotted path of a function called with the folder, e.g.
             ``tdd_lightning.models.tiny.build_tiny_sdxl`` (``build_tiny_sd15`` for the SD1.5 family).
+        w_embedding_dim: LCM-style w-conditioning (``models.w_conditioning``): the UNet gets a zero w
+            embedding of this width (diffusers' ``time_cond_proj_dim``; LCM uses 256) with the LoRA on it,
+            and the student and target see the teacher's w; sampled with no CFG, the guidance scale
+            (1 + w) as their input. None = off (decoupled guidance: CFG at inference).
         lora: the adapters (``LoRAConfig``).
     """
 
@@ -92,9 +96,13 @@ class ModelConfig:
     load_encoders: bool = False
     build_if_missing: bool = False
     builder: str | None = None
+    w_embedding_dim: int | None = None
     lora: LoRAConfig = field(default_factory=LoRAConfig)
 
     def __post_init__(self):
+        if self.w_embedding_dim is not None:
+            check_int("model.w_embedding_dim", self.w_embedding_dim)
+            check(self.w_embedding_dim >= 4, "model.w_embedding_dim", self.w_embedding_dim, "must be >= 4")
         names = ", ".join(DTYPES)
         check(self.base_dtype in DTYPES, "model.base_dtype", self.base_dtype, f"must be one of {names}")
         from tdd_lightning.models.families import FAMILIES

@@ -14,6 +14,7 @@ import torch
 from tdd_lightning.diffusion import FlowSchedule, NoiseSchedule
 from tdd_lightning.diffusion.sampling import tdd_sample
 from tdd_lightning.diffusion.timesteps import trailing_timesteps as trailing_timesteps  # re-exported
+from tdd_lightning.models.w_conditioning import w_embedding_dim
 from tdd_lightning.progress import progress_bar
 from tdd_lightning.toy.data import to_uint8
 
@@ -75,12 +76,14 @@ def sample_images(
     standard (out_u + g (out_c - out_u)) against ``uncond_text`` (None: the zeros condition; else the
     encoded "") from one batched forward [conditional | unconditional] per step
     (``ModelFamily.cfg_outputs``); g = 1 runs the conditional alone. ``clip_x0``: ``tdd_sample``'s x0 clipping
-    (a student's ``TDDScheduler.clip_x0``; None: none)."""
+    (a student's ``TDDScheduler.clip_x0``; None: none). A w-conditioned UNet (``models.w_conditioning``)
+    runs no CFG: ``guidance`` - 1 is its w input, as in diffusers' pipelines."""
     from tdd_lightning.models.encoder import decode_latents
     from tdd_lightning.models.families.sdxl import SDXL
 
     family = family or SDXL
     prediction_type = prediction_type or family.prediction_type({})
+    w_input = w_embedding_dim(unet) is not None  # w-conditioned: guidance - 1 is its input, not a CFG
     out = []
     generator = torch.Generator(device=x_T.device).manual_seed(renoise_seed(seed))
     starts = range(0, len(x_T), batch_size)
@@ -89,10 +92,13 @@ def sample_images(
         for i in starts:
             c = {k: v[i : i + batch_size] for k, v in cond.items()}
             u = family.unconditional_like(c, uncond_text)
+            if w_input:
+                w = torch.full((family.batch_size(c),), guidance - 1.0, device=x_T.device)
+                c = {**c, "guidance": w}
 
             def out_fn(x, t, c=c, u=u):
                 t_in = schedule.model_time(t, x)
-                if guidance == 1.0:
+                if guidance == 1.0 or w_input:
                     res = family.denoise(unet, x, t_in, c)
                 else:
                     res_c, res_u = family.cfg_outputs(unet, x, t_in, c, u, same=None)

@@ -23,6 +23,7 @@ from tdd_lightning.models.conditioning import Cond
 from tdd_lightning.models.encoder import Encoder, tokenize
 from tdd_lightning.models.families.base import ModelFamily
 from tdd_lightning.models.loading import load_frozen_parts, resolve_model_path
+from tdd_lightning.models.w_conditioning import timestep_cond
 
 
 @dataclass
@@ -132,7 +133,8 @@ class SD15Family(ModelFamily):
         return {"prompt_embeds": (77, te["hidden_size"])}
 
     def denoise(self, unet, x, t, cond: Cond) -> torch.Tensor:
-        return unet(x, t, encoder_hidden_states=cond["prompt_embeds"]).sample
+        extra = {"timestep_cond": timestep_cond(unet, cond)} if "guidance" in cond else {}
+        return unet(x, t, encoder_hidden_states=cond["prompt_embeds"], **extra).sample
 
 
 SD15 = SD15Family()

@@ -21,6 +21,7 @@ from tdd_lightning.models.conditioning import Cond
 from tdd_lightning.models.encoder import Encoder, tokenize
 from tdd_lightning.models.families.base import ModelFamily
 from tdd_lightning.models.loading import load_frozen_parts, resolve_model_path
+from tdd_lightning.models.w_conditioning import timestep_cond
 
 
 @dataclass
@@ -84,9 +85,11 @@ def square_time_ids(size: int, batch: int, device: torch.device | str | None = N
 
 
 def unet_eps(unet, x: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
-    """The output of an SDXL UNet for condition ``cond`` (eps for an eps-prediction model)."""
+    """The output of an SDXL UNet for condition ``cond`` (eps for an eps-prediction model); a w-conditioned
+    UNet (``models.w_conditioning``) also gets the embedding of ``cond["guidance"]``."""
     added = {"text_embeds": cond["pooled_prompt_embeds"], "time_ids": cond["time_ids"]}
-    return unet(x, t, encoder_hidden_states=cond["prompt_embeds"], added_cond_kwargs=added).sample
+    extra = {"timestep_cond": timestep_cond(unet, cond)} if "guidance" in cond else {}
+    return unet(x, t, encoder_hidden_states=cond["prompt_embeds"], added_cond_kwargs=added, **extra).sample
 
 
 class SDXLEncoder(Encoder):
