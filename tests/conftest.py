@@ -46,6 +46,16 @@ def tiny_components(tiny_sdxl_dir):
     return load_sdxl_components(tiny_sdxl_dir)
 
 
+@pytest.fixture(scope="session")
+def synthetic_batch4(tiny_sdxl_dir):
+    """One batch of 4 synthetic cached samples of the tiny SDXL pipeline."""
+    from tdd_lightning.data.synthetic import SyntheticDataModule
+
+    dm = SyntheticDataModule(str(tiny_sdxl_dir), num_samples=4, batch_size=4)
+    dm.setup()
+    return next(iter(dm.train_dataloader()))
+
+
 @pytest.fixture(autouse=True)
 def _restore_tdd_root():
     """Tests point TDD_ROOT at their tmp folders; put it back so later subprocesses see the repository."""

@@ -137,10 +137,8 @@ def make_module(pretrained, adversarial=None, selection=None, optimizer=None, em
 
 
 @pytest.fixture(scope="module")
-def batch(tiny_sdxl_dir):
-    dm = SyntheticDataModule(str(tiny_sdxl_dir), num_samples=4, batch_size=4)
-    dm.setup()
-    return next(iter(dm.train_dataloader()))
+def batch(synthetic_batch4):
+    return synthetic_batch4
 
 
 def test_hooked_features_are_the_teachers(tiny_sdxl_dir, bare_unet, batch):

@@ -5,7 +5,6 @@ import functools
 import pytest
 import torch
 
-from tdd_lightning.data.synthetic import SyntheticDataModule
 from tdd_lightning.errors import ConfigError
 from tdd_lightning.models.families.sdxl import unet_eps
 from tdd_lightning.models.w_conditioning import w_embedding, w_embedding_dim
@@ -28,10 +27,8 @@ def make_module(tiny_sdxl_dir, guidance=None, dim=DIM):
 
 
 @pytest.fixture(scope="module")
-def batch(tiny_sdxl_dir):
-    dm = SyntheticDataModule(str(tiny_sdxl_dir), num_samples=4, batch_size=4)
-    dm.setup()
-    return next(iter(dm.train_dataloader()))
+def batch(synthetic_batch4):
+    return synthetic_batch4
 
 
 def cond_of(batch, w=None):
