@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from tdd_lightning.export import DIFFUSERS_WEIGHT_NAME, KOHYA_WEIGHT_NAME, read_metadata
+from tdd_lightning.models.w_conditioning import add_w_embedding, w_embedding_dim
 from tdd_lightning.strategies.inference import RECOMMENDED
 
 DEFAULT_ADAPTER = "tdd"
@@ -91,13 +92,29 @@ def tdd_scheduler(scheduler_config: Any, metadata: dict[str, Any] | None = None,
     return TDDScheduler.from_config(config)
 
 
+def lora_w_embedding_dim(path: Path) -> int | None:
+    """The w embedding width of a w-conditioned student's LoRA file (``model.w_embedding_dim``: its
+    ``time_embedding.cond_proj`` down-projection's input width), None for any other LoRA."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        for key in f.keys():
+            if "cond_proj" in key and ("lora_A" in key or "lora_down" in key):
+                return int(f.get_slice(key).get_shape()[1])
+    return None
+
+
 def add_tdd_lora(
     pipe, lora: str | os.PathLike, scale: float = 1.0, adapter_name: str = DEFAULT_ADAPTER
 ) -> dict[str, Any]:
     """Load an exported LoRA into ``pipe`` at ``scale``; switch to TDDScheduler and the trained unconditional
-    convention (``empty_prompt``: the encoded "" as the negative, instead of zeros). Returns the metadata."""
+    convention (``empty_prompt``: the encoded "" as the negative, instead of zeros). A w-conditioned LoRA
+    (``models.w_conditioning``) first gives the UNet its zero w embedding layer. Returns the metadata."""
     path = resolve_lora_file(lora)
     metadata = read_metadata(path)
+    dim = lora_w_embedding_dim(path)
+    if dim is not None and w_embedding_dim(pipe.unet) is None:  # a w-conditioned student: its zero layer
+        add_w_embedding(pipe.unet, dim)  # the pipeline then embeds guidance_scale - 1 and runs no CFG
     pipe.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name=adapter_name)
     if scale != 1.0:
         pipe.set_adapters([adapter_name], adapter_weights=[scale])

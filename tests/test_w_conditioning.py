@@ -118,3 +118,43 @@ def test_toy_sampler_embeds_the_scale_and_runs_no_cfg(tiny_sdxl_dir, batch):
     hook.remove()
     assert images.shape[0] == 4 and [b for b, _ in calls] == [4, 4]
     torch.testing.assert_close(calls[1][1], w_embedding(torch.full((4,), 1.5), DIM))
+
+
+def test_exported_lora_loads_into_a_stock_pipeline_that_embeds_the_scale(tiny_sdxl_dir, tmp_path):
+    """Export after real steps; load_tdd_pipeline gives the stock UNet its zero w layer, and the stock SDXL
+    pipeline at guidance_scale g (it then embeds g - 1 and runs no CFG) samples what the module does."""
+    import lightning as L
+
+    from tdd_lightning.data.synthetic import SyntheticDataModule
+    from tdd_lightning.export import export_lora
+    from tdd_lightning.pipelines import load_tdd_pipeline, lora_w_embedding_dim
+
+    m = make_module(tiny_sdxl_dir)
+    trainer = L.Trainer(
+        max_steps=3, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, default_root_dir=str(tmp_path),
+    )  # fmt: skip
+    trainer.fit(m, datamodule=SyntheticDataModule(pretrained=str(tiny_sdxl_dir), batch_size=4))
+    trainer.save_checkpoint(tmp_path / "w.ckpt")
+    files = export_lora(tmp_path / "w.ckpt", tmp_path / "lora", roles="student", formats="diffusers")
+    assert lora_w_embedding_dim(files["student", "diffusers"]) == DIM
+    pipe = load_tdd_pipeline(tiny_sdxl_dir, tmp_path / "lora")
+    pipe.set_progress_bar_config(disable=True)
+    assert w_embedding_dim(pipe.unet) == DIM
+    prompts = ["a red circle", "a blue square"]
+    with torch.no_grad():
+        pe, _, pooled, _ = pipe.encode_prompt(prompts, device="cpu", do_classifier_free_guidance=False)
+    side = pipe.default_sample_size * pipe.vae_scale_factor
+    cond = {"prompt_embeds": pe, "pooled_prompt_embeds": pooled,
+            "time_ids": torch.tensor([[side, side, 0, 0, side, side]] * 2, dtype=torch.float32)}  # fmt: skip
+    x_T = torch.randn((2, 4, 8, 8), generator=torch.Generator().manual_seed(7))
+    m.eval()
+    for g in (2.0, 4.0):
+        ours = m.sample_latents(cond, num_steps=4, guidance_scale=g, latents=x_T.clone())
+        out = pipe(
+            prompt=prompts, output_type="latent", latents=x_T.clone(), num_inference_steps=4, guidance_scale=g
+        )
+        theirs = out.images
+        assert ((theirs - ours).abs().max() / ours.abs().max().clamp(min=1.0)) < 1e-5, g
+    low = m.sample_latents(cond, num_steps=4, guidance_scale=2.0, latents=x_T.clone())
+    assert (low - ours).abs().max() > 1e-4  # the scale is an input that matters
