@@ -190,6 +190,9 @@ def test_bench_targets_verdicts():
     ]
     assert "1.12x" in targets(aggregate(recs), 0.2).splitlines()[0]
     assert targets(aggregate(recs), 0.2).splitlines()[0].count("**missed**") == 1  # FD above 1.1x
+    # one run per model: numbers without a spread (no "± nan")
+    single = targets(aggregate([r for r in recs if r["seed"] == 0]), 0.2).splitlines()[0]
+    assert "prompt acc 0.580 = 0.97x the teacher's 0.600" in single and "nan" not in single
 
 
 def test_student_spec_names_and_paths_may_hold_equals(tmp_path):
