@@ -31,7 +31,7 @@ from tdd_lightning.models.dtypes import DTYPES
 from tdd_lightning.models.families import get_family
 from tdd_lightning.models.families.base import check_keys
 from tdd_lightning.models.roles import STUDENT, TARGET, LoRARoles, grad_norm, warmup_decay
-from tdd_lightning.models.w_conditioning import COND_PROJ, add_w_embedding, w_embedding_dim
+from tdd_lightning.models.w_conditioning import COND_PROJ, add_w_embedding, as_w_input
 from tdd_lightning.strategies import (
     Adversarial,
     DistillationLoss,
@@ -365,8 +365,7 @@ class TDDModule(AdversarialSteps, L.LightningModule):
 
         # 8. loss: on the points at s (the method), or on the two x0 predictions (an ablation)
         loss = self.distill_loss(pred, target) if self.loss_on == "x_s" else self.distill_loss(x0_s, x0_tg)
-        out = {"loss": loss, "t": t, "s": s, "w": w, "dropped": drop}
-        out |= {"x0_pred": x0_s, "x0_target": x0_tg}
+        out = {"loss": loss, "t": t, "s": s, "w": w, "dropped": drop, "x0_pred": x0_s, "x0_target": x0_tg}
         return out | {"pred": pred, "target": target, "cond": c}  # what the adversarial term reuses
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
@@ -532,9 +531,7 @@ class TDDModule(AdversarialSteps, L.LightningModule):
         if self.guidance.embedded and "guidance" not in cond:
             w = self.guidance.recommended_guidance_scale()
             cond = {**cond, "guidance": torch.full((B,), w, device=latents.device)}
-        if w_embedding_dim(unet) is not None:  # w-conditioned: the scale 1 + w is its input, not a CFG
-            cond = {**cond, "guidance": torch.full((B,), guidance_scale - 1.0, device=latents.device)}
-            guidance_scale = 1.0
+        cond, guidance_scale = as_w_input(unet, cond, guidance_scale, B, latents.device)
         u = family.unconditional_like(cond, self.uncond_text)
 
         def denoise(x, t, c):

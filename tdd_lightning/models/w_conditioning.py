@@ -52,6 +52,15 @@ def w_embedding(w: torch.Tensor, dim: int) -> torch.Tensor:
     return torch.nn.functional.pad(emb, (0, dim % 2))
 
 
+def as_w_input(unet, cond: dict, guidance_scale: float, batch: int, device) -> tuple[dict, float]:
+    """(condition, CFG scale) to sample ``unet`` at ``guidance_scale``: unchanged for a plain UNet; for a
+    w-conditioned one, w = ``guidance_scale`` - 1 in ``cond["guidance"]`` and no CFG (scale 1), as diffusers'
+    pipelines run such a UNet."""
+    if w_embedding_dim(unet) is None:
+        return cond, guidance_scale
+    return {**cond, "guidance": torch.full((batch,), guidance_scale - 1.0, device=device)}, 1.0
+
+
 def timestep_cond(unet, cond: dict) -> torch.Tensor | None:
     """The UNet's ``timestep_cond`` for ``cond``: the embedding of ``cond["guidance"]`` (w) when the UNet
     is w-conditioned and the condition carries a w, else None (the teacher's call)."""

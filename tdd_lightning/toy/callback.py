@@ -40,13 +40,9 @@ def recorded_scheduler(pl_module):
 def module_suite(pl_module, evaluator, data, **kwargs):
     """The toy Suite of the module's teacher (``model.pretrained``; UNet or flow toy teacher), with CFG's
     negative as the student was trained (``guidance.uncond``)."""
-    from tdd_lightning.toy.suite import Suite
-
     uncond = getattr(pl_module.guidance, "uncond", None)
-    return Suite.from_teacher(
-        Path(pl_module.model_cfg["pretrained"]), evaluator, data, device=pl_module.device, uncond=uncond,
-        **kwargs,
-    )  # fmt: skip
+    teacher = pl_module.model_cfg["pretrained"]
+    return teacher_suite(teacher, uncond, evaluator, data, device=pl_module.device, **kwargs)
 
 
 def teacher_suite(teacher: str, uncond: str | None, evaluator, data, **kwargs):

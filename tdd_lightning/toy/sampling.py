@@ -14,7 +14,7 @@ import torch
 from tdd_lightning.diffusion import FlowSchedule, NoiseSchedule
 from tdd_lightning.diffusion.sampling import tdd_sample
 from tdd_lightning.diffusion.timesteps import trailing_timesteps as trailing_timesteps  # re-exported
-from tdd_lightning.models.w_conditioning import w_embedding_dim
+from tdd_lightning.models.w_conditioning import as_w_input
 from tdd_lightning.progress import progress_bar
 from tdd_lightning.toy.data import to_uint8
 
@@ -83,7 +83,6 @@ def sample_images(
 
     family = family or SDXL
     prediction_type = prediction_type or family.prediction_type({})
-    w_input = w_embedding_dim(unet) is not None  # w-conditioned: guidance - 1 is its input, not a CFG
     out = []
     generator = torch.Generator(device=x_T.device).manual_seed(renoise_seed(seed))
     starts = range(0, len(x_T), batch_size)
@@ -92,17 +91,15 @@ def sample_images(
         for i in starts:
             c = {k: v[i : i + batch_size] for k, v in cond.items()}
             u = family.unconditional_like(c, uncond_text)
-            if w_input:
-                w = torch.full((family.batch_size(c),), guidance - 1.0, device=x_T.device)
-                c = {**c, "guidance": w}
+            c, g = as_w_input(unet, c, guidance, family.batch_size(c), x_T.device)  # w-conditioned: no CFG
 
-            def out_fn(x, t, c=c, u=u):
+            def out_fn(x, t, c=c, u=u, g=g):
                 t_in = schedule.model_time(t, x)
-                if guidance == 1.0 or w_input:
+                if g == 1.0:
                     res = family.denoise(unet, x, t_in, c)
                 else:
                     res_c, res_u = family.cfg_outputs(unet, x, t_in, c, u, same=None)
-                    res = res_u + guidance * (res_c - res_u)
+                    res = res_u + g * (res_c - res_u)
                 bar.update(1)
                 return res
 
